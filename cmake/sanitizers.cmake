@@ -1,0 +1,10 @@
+# Sanitizer builds are whole-tree: every target, tests included, is instrumented.
+if(GPUSWAP_SANITIZE STREQUAL "address")
+  add_compile_options(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
+  add_link_options(-fsanitize=address,undefined)
+elseif(GPUSWAP_SANITIZE STREQUAL "thread")
+  add_compile_options(-fsanitize=thread -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=thread)
+elseif(NOT GPUSWAP_SANITIZE STREQUAL "")
+  message(FATAL_ERROR "GPUSWAP_SANITIZE='${GPUSWAP_SANITIZE}': accepted values are '', 'address', 'thread'")
+endif()
