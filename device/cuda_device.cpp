@@ -1,0 +1,546 @@
+#include "device/cuda_device.hpp"
+
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <memory>
+#include <new>
+#include <string_view>
+#include <utility>
+
+#include "core/errors.hpp"
+#include "core/logging.hpp"
+
+namespace gpuswap {
+
+// Note [Handle encoding]
+// stream_t carries the native cudaStream_t value shifted left by one, with the low bit set when
+// this device created (owns) the stream. Decoding is a shift, so the hot paths (copy_async,
+// record_event, launch) take no lock and consult no table. A separate owned bit, rather than
+// "is it in the registry", is what lets a caller wrap one of our own native streams (say one it
+// got back through the C API) and destroy the wrapper without destroying our stream. The shift
+// needs the native value's top bit clear, which holds for user-space addresses and for the
+// special values 0 (legacy default), cudaStreamLegacy and cudaStreamPerThread; it is checked.
+// event_t is the cudaEvent_t value itself: every event is ours.
+// The registries (owned_streams_, owned_events_) exist so that a double destroy is caught and
+// logged instead of reaching the runtime, and so that the destructor can release what callers
+// forgot.
+//
+// Note [Current device]
+// The CUDA runtime's current device is per host thread. Every method that makes a call whose
+// meaning depends on it (allocation, stream/event creation, copies and host functions on the
+// legacy default stream, cudaDeviceSynchronize, cudaMemGetInfo) runs inside a device_scope,
+// which makes ordinal_ current and afterwards restores the caller's device. It restores only if
+// the caller's device already has an active primary context: cudaSetDevice initialises a
+// context, and restoring "device 0" on a thread that never chose a device (cudaGetDevice reports
+// 0 then) would create a stray context on GPU 0 of every multi-GPU node (PyTorch's
+// MaybeExchangeDevice checks the same thing for the same reason). Calls tied to an object that already
+// names its device (cudaEventQuery, cudaEventSynchronize, cudaEventElapsedTime, cudaFree*,
+// cudaStreamDestroy, cudaEventDestroy) run without it, which also keeps the free paths free of
+// calls that could fail. Stream calls keep it because the legacy default stream (stream_t{0}) is
+// the current device's.
+
+namespace {
+
+// The one place a CUDA status becomes an exception. The runtime remembers the last error of
+// each thread; clearing it here keeps a handled failure from resurfacing in an unrelated later
+// cudaGetLastError (sticky errors, which corrupt the context, cannot be cleared and will
+// resurface anyway, which is right).
+void check(cudaError_t status, std::string_view call) {
+  if (status == cudaSuccess) return;
+  (void)cudaGetLastError();
+  throw_device_error(call, cudaGetErrorName(status), cudaGetErrorString(status));
+}
+
+// The noexcept paths' counterpart of check: logs instead of throwing.
+void log_failure(cudaError_t status, std::string_view call) noexcept {
+  if (status == cudaSuccess) return;
+  (void)cudaGetLastError();
+  // At process exit the runtime may already be gone; there is nothing left to release then.
+  if (status == cudaErrorCudartUnloading) return;
+  try {
+    log().error("cuda: {} failed with {}: {}", call, cudaGetErrorName(status),
+                cudaGetErrorString(status));
+  } catch (...) {
+  }
+}
+
+// Errors that mean "this process cannot use a GPU here", as opposed to a GPU that misbehaves.
+bool means_no_device(cudaError_t status) {
+  switch (status) {
+    case cudaErrorInsufficientDriver:
+    case cudaErrorNoDevice:
+    case cudaErrorInvalidDevice:
+    case cudaErrorDevicesUnavailable:
+    case cudaErrorSystemDriverMismatch:
+    case cudaErrorCompatNotSupportedOnDevice:
+    case cudaErrorStubLibrary:
+    case cudaErrorInitializationError:
+    case cudaErrorSystemNotReady:
+    case cudaErrorDeviceNotLicensed:
+    case cudaErrorCallRequiresNewerDriver:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// check() for the calls that open the device: "cannot use a GPU here" becomes no_cuda_device.
+void check_open(cudaError_t status, std::string_view call) {
+  if (status == cudaSuccess) return;
+  if (means_no_device(status)) {
+    (void)cudaGetLastError();
+    throw_no_cuda_device(call, cudaGetErrorName(status), cudaGetErrorString(status));
+  }
+  check(status, call);
+}
+
+// cuDevicePrimaryCtxGetState through the runtime's driver entry points, so that we need no link
+// against libcuda (absent on build machines). Null when the driver does not provide it.
+PFN_cuDevicePrimaryCtxGetState_v7000 primary_ctx_get_state() noexcept {
+  static const PFN_cuDevicePrimaryCtxGetState_v7000 fn = []() noexcept {
+    void* entry = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t status = cudaGetDriverEntryPointByVersion(
+        "cuDevicePrimaryCtxGetState", &entry, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t status =
+        cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &entry, cudaEnableDefault, &found);
+#endif
+    if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return PFN_cuDevicePrimaryCtxGetState_v7000{nullptr};
+    }
+    return reinterpret_cast<PFN_cuDevicePrimaryCtxGetState_v7000>(entry);
+  }();
+  return fn;
+}
+
+bool has_primary_context(int ordinal) noexcept {
+  const auto get_state = primary_ctx_get_state();
+  // Without the driver's answer, restore: leaving the caller on our device is the worse harm.
+  if (get_state == nullptr) return true;
+  unsigned int flags = 0;
+  int active = 0;
+  if (get_state(ordinal, &flags, &active) != CUDA_SUCCESS) return true;
+  return active != 0;
+}
+
+// See Note [Current device].
+class device_scope {
+ public:
+  explicit device_scope(int ordinal) {
+    int current = 0;
+    check(cudaGetDevice(&current), "cudaGetDevice");
+    if (current == ordinal) return;
+    check(cudaSetDevice(ordinal), "cudaSetDevice");
+    if (has_primary_context(current)) previous_ = current;
+  }
+  ~device_scope() {
+    if (previous_ >= 0) log_failure(cudaSetDevice(previous_), "cudaSetDevice");
+  }
+  device_scope(const device_scope&) = delete;
+  device_scope& operator=(const device_scope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+cudaStream_t to_native(stream_t stream) noexcept {
+  return reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream) >> 1);
+}
+
+bool is_owned(stream_t stream) noexcept { return (static_cast<std::uintptr_t>(stream) & 1U) != 0; }
+
+stream_t encode_stream(cudaStream_t native, bool owned, std::string_view call) {
+  const auto value = reinterpret_cast<std::uintptr_t>(native);
+  if ((value >> (std::numeric_limits<std::uintptr_t>::digits - 1)) != 0) {
+    throw_device_error(call, "gpuswap_unencodable_stream",
+                       fmt::format("native stream {} has its top bit set and cannot be encoded "
+                                   "in a stream_t (see Note [Handle encoding])",
+                                   static_cast<const void*>(native)));
+  }
+  return stream_t{(value << 1) | (owned ? 1U : 0U)};
+}
+
+cudaEvent_t to_native(event_t event) noexcept {
+  return reinterpret_cast<cudaEvent_t>(static_cast<std::uintptr_t>(event));
+}
+
+cudaMemcpyKind to_native(copy_kind kind) noexcept {
+  switch (kind) {
+    case copy_kind::host_to_device: return cudaMemcpyHostToDevice;
+    case copy_kind::device_to_host: return cudaMemcpyDeviceToHost;
+    case copy_kind::device_to_device: return cudaMemcpyDeviceToDevice;
+    case copy_kind::host_to_host: return cudaMemcpyHostToHost;
+  }
+  return cudaMemcpyDefault;
+}
+
+// OOM is an answer, not an error (device.hpp): null, with the runtime's last error cleared.
+void* checked_allocation(cudaError_t status, void* ptr, std::string_view call) {
+  if (status == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  check(status, call);
+  return ptr;
+}
+
+// Owns a launched host function from the moment cudaLaunchHostFunc accepts it.
+void CUDART_CB run_host_function(void* user_data) {
+  std::unique_ptr<std::function<void()>> fn(static_cast<std::function<void()>*>(user_data));
+  try {
+    (*fn)();
+  } catch (const std::exception& e) {
+    try {
+      log().error("cuda: a launched host function threw: {}", e.what());
+    } catch (...) {
+    }
+  } catch (...) {
+    try {
+      log().error("cuda: a launched host function threw a non-std exception");
+    } catch (...) {
+    }
+  }
+}
+
+}  // namespace
+
+int cuda_device::device_count(std::string* why) noexcept {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (why != nullptr) {
+      try {
+        *why = fmt::format("cudaGetDeviceCount returned {} ({})", cudaGetErrorName(status),
+                           cudaGetErrorString(status));
+      } catch (...) {
+      }
+    }
+    return 0;
+  }
+  if (count == 0 && why != nullptr) {
+    try {
+      *why = "cudaGetDeviceCount found 0 devices";
+    } catch (...) {
+    }
+  }
+  return count;
+}
+
+cuda_device::cuda_device(int ordinal) : ordinal_(ordinal) {
+  int count = 0;
+  check_open(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (count == 0) {
+    throw_no_cuda_device("cudaGetDeviceCount", cudaGetErrorName(cudaErrorNoDevice),
+                         "the driver reports 0 devices");
+  }
+  if (ordinal < 0 || ordinal >= count) {
+    throw_no_cuda_device("cudaGetDeviceCount", cudaGetErrorName(cudaErrorInvalidDevice),
+                         fmt::format("ordinal {} requested, {} device(s) visible", ordinal, count));
+  }
+  // Opening the device initialises its primary context: failures that mean the device cannot
+  // be used here (exclusive-process mode, driver mismatch) surface now, as no_cuda_device.
+  int current = 0;
+  check_open(cudaGetDevice(&current), "cudaGetDevice");
+  check_open(cudaSetDevice(ordinal), "cudaSetDevice");
+  // Like device_scope, but the device was just opened by hand above.
+  struct restore_caller {
+    int previous;
+    ~restore_caller() {
+      if (previous >= 0) log_failure(cudaSetDevice(previous), "cudaSetDevice");
+    }
+  } restore{current != ordinal && has_primary_context(current) ? current : -1};
+  cudaDeviceProp props{};
+  check(cudaGetDeviceProperties(&props, ordinal), "cudaGetDeviceProperties");
+  name_ = fmt::format("{} (cuda:{})", props.name, ordinal);
+  check(cudaDeviceGetStreamPriorityRange(&least_priority_, &greatest_priority_),
+        "cudaDeviceGetStreamPriorityRange");
+}
+
+cuda_device::~cuda_device() {
+  std::unordered_set<std::uintptr_t> streams;
+  std::unordered_set<std::uintptr_t> events;
+  {
+    std::lock_guard lock(registry_mutex_);
+    streams.swap(owned_streams_);
+    events.swap(owned_events_);
+  }
+  for (const auto native : events) {
+    log_failure(cudaEventDestroy(reinterpret_cast<cudaEvent_t>(native)), "cudaEventDestroy");
+  }
+  for (const auto native : streams) {
+    log_failure(cudaStreamDestroy(reinterpret_cast<cudaStream_t>(native)), "cudaStreamDestroy");
+  }
+}
+
+std::string cuda_device::name() const { return name_; }
+
+int cuda_device::ordinal() const noexcept { return ordinal_; }
+
+// --- memory ---------------------------------------------------------------------------------
+
+void* cuda_device::allocate_device(std::size_t bytes) {
+  if (bytes == 0) return nullptr;
+  device_scope scope(ordinal_);
+  void* ptr = nullptr;
+  return checked_allocation(cudaMalloc(&ptr, bytes), ptr, "cudaMalloc");
+}
+
+void cuda_device::free_device(void* ptr) noexcept {
+  if (ptr == nullptr) return;
+  log_failure(cudaFree(ptr), "cudaFree");
+}
+
+void* cuda_device::allocate_pinned(std::size_t bytes) {
+  if (bytes == 0) return nullptr;
+  device_scope scope(ordinal_);
+  void* ptr = nullptr;
+  // Portable: pinned for every device's context, since a node-wide host pool may hand the
+  // buffer to another device's copies.
+  return checked_allocation(cudaHostAlloc(&ptr, bytes, cudaHostAllocPortable), ptr,
+                            "cudaHostAlloc");
+}
+
+void cuda_device::free_pinned(void* ptr) noexcept {
+  if (ptr == nullptr) return;
+  log_failure(cudaFreeHost(ptr), "cudaFreeHost");
+}
+
+void* cuda_device::allocate_managed(std::size_t bytes) {
+  if (bytes == 0) return nullptr;
+  device_scope scope(ordinal_);
+  void* ptr = nullptr;
+  return checked_allocation(cudaMallocManaged(&ptr, bytes, cudaMemAttachGlobal), ptr,
+                            "cudaMallocManaged");
+}
+
+void cuda_device::free_managed(void* ptr) noexcept {
+  if (ptr == nullptr) return;
+  log_failure(cudaFree(ptr), "cudaFree");
+}
+
+void cuda_device::prefetch_managed(const void* ptr, std::size_t bytes, bool to_device,
+                                   stream_t stream) {
+  if (ptr == nullptr || bytes == 0) return;
+  device_scope scope(ordinal_);
+#if CUDART_VERSION >= 13000
+  // CUDA 13 takes a cudaMemLocation (the CUDA 12.2+ _v2 form became the only one).
+  cudaMemLocation location{};
+  location.type = to_device ? cudaMemLocationTypeDevice : cudaMemLocationTypeHost;
+  location.id = to_device ? ordinal_ : 0;
+  check(cudaMemPrefetchAsync(ptr, bytes, location, 0, to_native(stream)), "cudaMemPrefetchAsync");
+#else
+  check(cudaMemPrefetchAsync(ptr, bytes, to_device ? ordinal_ : cudaCpuDeviceId,
+                             to_native(stream)),
+        "cudaMemPrefetchAsync");
+#endif
+}
+
+void cuda_device::advise_managed(const void* ptr, std::size_t bytes, managed_advice advice) {
+  if (ptr == nullptr || bytes == 0) return;
+  cudaMemoryAdvise native_advice = cudaMemAdviseSetPreferredLocation;
+  bool on_device = true;
+  switch (advice) {
+    case managed_advice::prefer_device:
+      break;
+    case managed_advice::prefer_host:
+      on_device = false;
+      break;
+    case managed_advice::accessed_by_device:
+      native_advice = cudaMemAdviseSetAccessedBy;
+      break;
+  }
+  device_scope scope(ordinal_);
+#if CUDART_VERSION >= 13000
+  cudaMemLocation location{};
+  location.type = on_device ? cudaMemLocationTypeDevice : cudaMemLocationTypeHost;
+  location.id = on_device ? ordinal_ : 0;
+  check(cudaMemAdvise(ptr, bytes, native_advice, location), "cudaMemAdvise");
+#else
+  check(cudaMemAdvise(ptr, bytes, native_advice, on_device ? ordinal_ : cudaCpuDeviceId),
+        "cudaMemAdvise");
+#endif
+}
+
+memory_info cuda_device::memory() const {
+  device_scope scope(ordinal_);
+  std::size_t free_bytes = 0;
+  std::size_t total_bytes = 0;
+  check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  return {free_bytes, total_bytes};
+}
+
+// --- streams --------------------------------------------------------------------------------
+
+stream_t cuda_device::create_stream(stream_priority priority) {
+  // CUDA numbers priorities downwards: greatest_priority_ <= least_priority_. "normal" is the
+  // runtime's default priority (0, clamped into the range), the one framework streams get, so
+  // that a normal stream competes with them as an equal; on current GPUs it equals "low".
+  int native_priority = 0;
+  switch (priority) {
+    case stream_priority::low:
+      native_priority = least_priority_;
+      break;
+    case stream_priority::normal:
+      native_priority = std::clamp(0, greatest_priority_, least_priority_);
+      break;
+    case stream_priority::high:
+      native_priority = greatest_priority_;
+      break;
+  }
+  device_scope scope(ordinal_);
+  cudaStream_t native = nullptr;
+  check(cudaStreamCreateWithPriority(&native, cudaStreamNonBlocking, native_priority),
+        "cudaStreamCreateWithPriority");
+  stream_t handle{};
+  try {
+    handle = encode_stream(native, /*owned=*/true, "cudaStreamCreateWithPriority");
+    std::lock_guard lock(registry_mutex_);
+    owned_streams_.insert(reinterpret_cast<std::uintptr_t>(native));
+  } catch (...) {
+    log_failure(cudaStreamDestroy(native), "cudaStreamDestroy");
+    throw;
+  }
+  return handle;
+}
+
+stream_t cuda_device::wrap_native_stream(void* native) {
+  return encode_stream(static_cast<cudaStream_t>(native), /*owned=*/false, "wrap_native_stream");
+}
+
+void* cuda_device::native_stream(stream_t stream) const {
+  return static_cast<void*>(to_native(stream));
+}
+
+void cuda_device::destroy_stream(stream_t stream) noexcept {
+  if (!is_owned(stream)) return;  // wrapped: forgetting it is all there is to do
+  cudaStream_t native = to_native(stream);
+  bool known = false;
+  {
+    std::lock_guard lock(registry_mutex_);
+    known = owned_streams_.erase(reinterpret_cast<std::uintptr_t>(native)) == 1;
+  }
+  if (!known) {
+    try {
+      log().warn("cuda: destroy_stream of a stream this device does not own ({})",
+                    static_cast<const void*>(native));
+    } catch (...) {
+    }
+    return;
+  }
+  log_failure(cudaStreamDestroy(native), "cudaStreamDestroy");
+}
+
+stream_t cuda_device::default_stream() { return stream_t{0}; }
+
+void cuda_device::synchronize_stream(stream_t stream) {
+  // The legacy default stream is the current device's.
+  device_scope scope(ordinal_);
+  check(cudaStreamSynchronize(to_native(stream)), "cudaStreamSynchronize");
+}
+
+void cuda_device::synchronize() {
+  device_scope scope(ordinal_);
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
+// --- events ---------------------------------------------------------------------------------
+
+event_t cuda_device::create_event() {
+  device_scope scope(ordinal_);
+  cudaEvent_t native = nullptr;
+  // cudaEventDefault keeps timing on, which elapsed_ms needs.
+  check(cudaEventCreateWithFlags(&native, cudaEventDefault), "cudaEventCreateWithFlags");
+  const auto value = reinterpret_cast<std::uintptr_t>(native);
+  try {
+    std::lock_guard lock(registry_mutex_);
+    owned_events_.insert(value);
+  } catch (...) {
+    log_failure(cudaEventDestroy(native), "cudaEventDestroy");
+    throw;
+  }
+  return event_t{value};
+}
+
+void cuda_device::destroy_event(event_t event) noexcept {
+  const auto value = static_cast<std::uintptr_t>(event);
+  bool known = false;
+  {
+    std::lock_guard lock(registry_mutex_);
+    known = owned_events_.erase(value) == 1;
+  }
+  if (!known) {
+    try {
+      log().warn("cuda: destroy_event of an event this device does not own ({:#x})",
+                    value);
+    } catch (...) {
+    }
+    return;
+  }
+  log_failure(cudaEventDestroy(to_native(event)), "cudaEventDestroy");
+}
+
+void cuda_device::record_event(event_t event, stream_t stream) {
+  device_scope scope(ordinal_);
+  check(cudaEventRecord(to_native(event), to_native(stream)), "cudaEventRecord");
+}
+
+void cuda_device::wait_event(stream_t stream, event_t event) {
+  device_scope scope(ordinal_);
+  check(cudaStreamWaitEvent(to_native(stream), to_native(event), 0), "cudaStreamWaitEvent");
+}
+
+bool cuda_device::query_event(event_t event) {
+  const cudaError_t status = cudaEventQuery(to_native(event));
+  if (status == cudaSuccess) return true;
+  if (status == cudaErrorNotReady) {
+    // Not an error, but the runtime may keep it as the thread's last error; clear it so that a
+    // later cudaGetLastError (ours or the host program's) does not report it.
+    (void)cudaGetLastError();
+    return false;
+  }
+  check(status, "cudaEventQuery");
+  return false;
+}
+
+void cuda_device::synchronize_event(event_t event) {
+  check(cudaEventSynchronize(to_native(event)), "cudaEventSynchronize");
+}
+
+double cuda_device::elapsed_ms(event_t start, event_t end) {
+  float ms = 0;
+  check(cudaEventElapsedTime(&ms, to_native(start), to_native(end)), "cudaEventElapsedTime");
+  return static_cast<double>(ms);
+}
+
+// --- work -----------------------------------------------------------------------------------
+
+void cuda_device::copy_async(void* dst, const void* src, std::size_t bytes, copy_kind kind,
+                             stream_t stream) {
+  if (bytes == 0) return;
+  device_scope scope(ordinal_);
+  check(cudaMemcpyAsync(dst, src, bytes, to_native(kind), to_native(stream)), "cudaMemcpyAsync");
+}
+
+void cuda_device::launch(stream_t stream, const kernel_cost& /*cost*/, std::function<void()> fn,
+                         std::span<const touched_buffer> /*touched*/) {
+  if (!fn) return;
+  auto owned = std::make_unique<std::function<void()>>(std::move(fn));
+  device_scope scope(ordinal_);
+  check(cudaLaunchHostFunc(to_native(stream), &run_host_function, owned.get()),
+        "cudaLaunchHostFunc");
+  // The runtime accepted it: run_host_function owns it from now on and deletes it after running.
+  static_cast<void>(owned.release());
+}
+
+}  // namespace gpuswap
