@@ -1,0 +1,498 @@
+#include "allocator/swap_engine.hpp"
+
+#include <algorithm>
+
+#include "core/errors.hpp"
+#include "core/logging.hpp"
+#include "profiler/device_timeline.hpp"
+#include "profiler/event_recorder.hpp"
+
+namespace gpuswap {
+
+// Note [Swap ordering]
+// Every cross-stream hazard of a swap has one event that guards it:
+//   1. D2H reads what the producer wrote: swap_out records an event on the producer stream and
+//      the D2H stream waits for it (and for the buffer's own H2D, if it is still arriving).
+//   2. The device block is not reused while the D2H reads it: swap_out calls
+//      caching_allocator::record_stream(block, D2H) before deallocate, so the allocator keeps the
+//      block until the D2H's work is done (tests: swap_engine_ordering_test, "reuse").
+//   3. The H2D reads complete host bytes: bring_in makes the H2D stream wait for the D2H's done
+//      event when the swap-out is still in flight.
+//   4. The pinned buffer is not reused while a copy touches it: pinned_host_pool::record_stream
+//      for the D2H and the H2D before it is given back.
+//   5. The consumer reads complete device bytes: acquire makes the consumer stream wait for the
+//      H2D's done event (tests: swap_engine_ordering_test, "prefetch").
+//   6. Later users of the block: release records the consumer stream on the block.
+//
+// Note [Locking]
+// mutex_ is never held while calling caching_allocator::allocate: a short allocator calls
+// reclaim(), which takes mutex_. Creating a buffer and bringing one in therefore drop the lock
+// around allocate and re-find the buffer afterwards (it may have been destroyed meanwhile; a
+// buffer being brought in is in state swapping_in, which nothing else moves). The allocator
+// never calls the engine while holding its own lock, so calling deallocate / record_stream with
+// mutex_ held is safe, as is calling the pinned pool, which calls nobody. The one blocking call
+// under mutex_ is the recovery from a failed event record after a copy was enqueued
+// (synchronize_stream): a device that fails there is already in trouble, and waiting is the only
+// way to know the copy finished.
+
+namespace {
+
+double to_ns(double ms) { return ms * 1e6; }
+
+}  // namespace
+
+std::string_view to_string(buffer_state s) noexcept {
+  switch (s) {
+    case buffer_state::device: return "device";
+    case buffer_state::swapping_out: return "swapping_out";
+    case buffer_state::host: return "host";
+    case buffer_state::swapping_in: return "swapping_in";
+  }
+  return "?";
+}
+
+swap_engine::swap_engine(device& dev, caching_allocator& alloc, pinned_host_pool& host_pool,
+                         swap_engine_options options, device_timeline* timeline)
+    : dev_(dev), alloc_(alloc), host_pool_(host_pool), opts_(options), timeline_(timeline) {
+  d2h_ = dev_.create_stream(stream_priority::high);
+  h2d_ = dev_.create_stream(stream_priority::high);
+  alloc_.add_reclaimer(this);
+}
+
+swap_engine::~swap_engine() {
+  alloc_.remove_reclaimer(this);
+  try {
+    synchronize();
+  } catch (const std::exception& e) {
+    log().error("swap_engine: waiting for copies at shutdown failed: {}", e.what());
+  }
+  std::vector<buffer_id> ids;
+  {
+    std::lock_guard lock(mutex_);
+    for (const auto& [id, b] : buffers_) ids.push_back(id);
+  }
+  for (buffer_id id : ids) destroy(id);
+  std::lock_guard lock(mutex_);
+  for (event_t e : all_events_) dev_.destroy_event(e);
+  dev_.destroy_stream(d2h_);
+  dev_.destroy_stream(h2d_);
+}
+
+swap_engine::buffer& swap_engine::get_locked(buffer_id id, const char* what) {
+  auto it = buffers_.find(id);
+  if (it == buffers_.end()) {
+    throw error(fmt::format("swap_engine::{}: no buffer {}", what, id));
+  }
+  return it->second;
+}
+
+event_t swap_engine::take_event_locked() {
+  if (!spare_events_.empty()) {
+    event_t e = spare_events_.back();
+    spare_events_.pop_back();
+    return e;
+  }
+  all_events_.reserve(all_events_.size() + 1);
+  spare_events_.reserve(all_events_.size() + 1);
+  event_t e = dev_.create_event();
+  all_events_.push_back(e);
+  return e;
+}
+
+void swap_engine::give_event_locked(event_t e) noexcept {
+  spare_events_.push_back(e);  // capacity reserved in take_event_locked
+}
+
+buffer_id swap_engine::create(std::size_t bytes, stream_t stream, int layer) {
+  void* ptr = alloc_.allocate(bytes, stream);  // without mutex_: may call reclaim()
+  std::lock_guard lock(mutex_);
+  const buffer_id id = next_id_++;
+  buffer& b = buffers_[id];
+  b.bytes = bytes;
+  b.layer = layer;
+  b.dev = ptr;
+  b.block_stream = stream;
+  b.last_stream = stream;
+  b.last_use = ++tick_;
+  ++stats_.live_buffers;
+  return id;
+}
+
+void swap_engine::destroy(buffer_id id) noexcept {
+  std::lock_guard lock(mutex_);
+  auto it = buffers_.find(id);
+  if (it == buffers_.end()) return;
+  buffer& b = it->second;
+  // Streams that used the block were recorded at release, and the H2D stream owns it when it
+  // was brought in, so the allocator holds it until they are done (Note [Swap ordering] 6).
+  if (b.dev != nullptr) alloc_.deallocate(b.dev);
+  if (b.host != nullptr) {
+    host_pool_.deallocate(b.host);
+    if (b.state == buffer_state::host || b.state == buffer_state::swapping_out) {
+      stats_.bytes_on_host -= b.bytes;
+    }
+  }
+  buffers_.erase(it);
+  --stats_.live_buffers;
+  // Copies still in flight keep their events in copies_ and resolve without the buffer.
+}
+
+void* swap_engine::acquire(buffer_id id, stream_t consumer) {
+  std::unique_lock lock(mutex_);
+  poll_locked();
+  {
+    buffer& b = get_locked(id, "acquire");
+    if (b.state == buffer_state::host || b.state == buffer_state::swapping_out) {
+      bring_in(lock, id, /*demand=*/true);
+    }
+  }
+  buffer& b = get_locked(id, "acquire");
+  b.last_use = ++tick_;
+  ++b.pins;
+  if (b.has_arrived_event && !opts_.unsafe_testing.skip_consumer_wait) {
+    // Note [Swap ordering] 5, timed: the consumer's wait is what the events around it measure.
+    event_t before = take_event_locked();
+    event_t after = take_event_locked();
+    try {
+      dev_.record_event(before, consumer);
+      dev_.wait_event(consumer, b.arrived);
+      dev_.record_event(after, consumer);
+    } catch (...) {
+      // Without the timing events the wait itself must still happen.
+      give_event_locked(before);
+      give_event_locked(after);
+      --b.pins;
+      dev_.wait_event(consumer, b.arrived);
+      ++b.pins;
+      b.last_stream = consumer;
+      return b.dev;
+    }
+    stalls_.push_back(pending_stall{id, b.layer, consumer, before, after});
+  }
+  b.last_stream = consumer;
+  return b.dev;
+}
+
+void swap_engine::release(buffer_id id, stream_t consumer) {
+  std::lock_guard lock(mutex_);
+  buffer& b = get_locked(id, "release");
+  if (b.pins > 0) --b.pins;
+  if (b.dev != nullptr && consumer != b.block_stream) alloc_.record_stream(b.dev, consumer);
+  b.last_stream = consumer;
+}
+
+bool swap_engine::swap_out(buffer_id id, stream_t producer) {
+  std::lock_guard lock(mutex_);
+  poll_locked();
+  buffer& b = get_locked(id, "swap_out");
+  return swap_out_locked(id, b, producer, /*eviction=*/false);
+}
+
+bool swap_engine::swap_out_locked(buffer_id id, buffer& b, stream_t producer, bool eviction) {
+  if (b.state != buffer_state::device || b.pins > 0) return false;
+  void* host = nullptr;
+  try {
+    host = host_pool_.allocate(b.bytes);
+  } catch (const std::exception& e) {
+    ++stats_.failed_swap_outs;
+    log().warn("swap_out of buffer {} ({} bytes) kept it on the device: {}", id, b.bytes, e.what());
+    return false;
+  }
+  event_t start{}, done{};
+  bool copy_enqueued = false;
+  try {
+    event_t ready = take_event_locked();
+    try {
+      dev_.record_event(ready, producer);
+      dev_.wait_event(d2h_, ready);  // Note [Swap ordering] 1
+    } catch (...) {
+      give_event_locked(ready);
+      throw;
+    }
+    give_event_locked(ready);  // the wait captured it
+    if (b.has_arrived_event) dev_.wait_event(d2h_, b.arrived);
+    start = take_event_locked();
+    done = take_event_locked();
+    dev_.record_event(start, d2h_);
+    dev_.copy_async(host, b.dev, b.bytes, copy_kind::device_to_host, d2h_);
+    copy_enqueued = true;
+    dev_.record_event(done, d2h_);
+  } catch (const std::exception& e) {
+    if (start != event_t{}) give_event_locked(start);
+    if (done != event_t{}) give_event_locked(done);
+    if (copy_enqueued) {
+      // The copy runs but we cannot tell when it ends: wait for it, then keep the device copy.
+      try {
+        dev_.synchronize_stream(d2h_);
+      } catch (...) {
+      }
+    }
+    host_pool_.deallocate(host);  // no copy into it is pending any more
+    ++stats_.failed_swap_outs;
+    log().warn("swap_out of buffer {} ({} bytes) kept it on the device: {}", id, b.bytes, e.what());
+    return false;
+  }
+  host_pool_.record_stream(host, d2h_);  // Note [Swap ordering] 4
+  if (!opts_.unsafe_testing.skip_copy_guard_on_free) alloc_.record_stream(b.dev, d2h_);  // 2
+  alloc_.deallocate(b.dev);
+  b.dev = nullptr;
+  b.host = host;
+  b.state = buffer_state::swapping_out;
+  b.departed = done;
+  b.has_departed_event = true;
+  b.has_arrived_event = false;
+  copies_.push_back(pending_copy{id, true, false, b.bytes, b.layer, start, done});
+  ++stats_.swaps_out;
+  stats_.bytes_out += b.bytes;
+  stats_.bytes_in_flight += b.bytes;
+  stats_.bytes_on_host += b.bytes;
+  if (eviction) ++stats_.evictions;
+  return true;
+}
+
+bool swap_engine::prefetch(buffer_id id) {
+  std::unique_lock lock(mutex_);
+  poll_locked();
+  buffer& b = get_locked(id, "prefetch");
+  if (b.state != buffer_state::host && b.state != buffer_state::swapping_out) return false;
+  try {
+    bring_in(lock, id, /*demand=*/false);
+  } catch (const out_of_memory&) {
+    return false;  // stays on the host; acquire fetches it on demand
+  }
+  auto it = buffers_.find(id);
+  return it != buffers_.end() && it->second.state == buffer_state::swapping_in;
+}
+
+void swap_engine::bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, bool demand) {
+  buffer_state previous{};
+  std::size_t bytes = 0;
+  {
+    buffer& b = get_locked(id, "bring_in");
+    previous = b.state;
+    bytes = b.bytes;
+    b.state = buffer_state::swapping_in;  // not evictable, not brought in twice
+  }
+  auto revert = [&](bool failed) {
+    auto it = buffers_.find(id);
+    if (it != buffers_.end()) {
+      it->second.state = it->second.has_departed_event ? buffer_state::swapping_out : buffer_state::host;
+    }
+    if (failed) ++stats_.failed_swap_ins;
+  };
+  (void)previous;
+
+  void* dev_ptr = nullptr;
+  lock.unlock();
+  try {
+    dev_ptr = alloc_.allocate(bytes, h2d_);  // may evict others through reclaim()
+  } catch (...) {
+    lock.lock();
+    revert(demand);
+    throw;
+  }
+  lock.lock();
+  auto it = buffers_.find(id);
+  if (it == buffers_.end()) {  // destroyed while we allocated
+    alloc_.deallocate(dev_ptr);
+    return;
+  }
+  buffer& b = it->second;
+  event_t start{}, done{};
+  bool copy_enqueued = false;
+  try {
+    if (b.has_departed_event) dev_.wait_event(h2d_, b.departed);  // Note [Swap ordering] 3
+    start = take_event_locked();
+    done = take_event_locked();
+    dev_.record_event(start, h2d_);
+    dev_.copy_async(dev_ptr, b.host, bytes, copy_kind::host_to_device, h2d_);
+    copy_enqueued = true;
+    dev_.record_event(done, h2d_);
+  } catch (const std::exception& e) {
+    if (start != event_t{}) give_event_locked(start);
+    if (done != event_t{}) give_event_locked(done);
+    if (copy_enqueued) {
+      try {
+        dev_.synchronize_stream(h2d_);
+      } catch (...) {
+      }
+    }
+    alloc_.deallocate(dev_ptr);  // nothing pending reads or writes it any more
+    revert(true);
+    log().warn("swap_in of buffer {} ({} bytes) left it on the host: {}", id, bytes, e.what());
+    throw;
+  }
+  host_pool_.record_stream(b.host, h2d_);  // Note [Swap ordering] 4
+  host_pool_.deallocate(b.host);
+  b.host = nullptr;
+  b.dev = dev_ptr;
+  b.block_stream = h2d_;
+  b.state = buffer_state::swapping_in;
+  b.arrived = done;
+  b.has_arrived_event = true;
+  b.has_departed_event = false;
+  copies_.push_back(pending_copy{id, false, demand, bytes, b.layer, start, done});
+  ++stats_.swaps_in;
+  stats_.bytes_in += bytes;
+  stats_.bytes_in_flight += bytes;
+  stats_.bytes_on_host -= bytes;
+  if (demand) {
+    ++stats_.demand_fetches;
+  } else {
+    ++stats_.prefetches;
+  }
+}
+
+std::size_t swap_engine::reclaim(std::size_t bytes, stream_t) {
+  std::lock_guard lock(mutex_);
+  poll_locked();
+  struct candidate {
+    buffer_id id;
+    std::uint64_t key;  // larger: evict first
+  };
+  std::vector<candidate> candidates;
+  for (const auto& [id, b] : buffers_) {
+    if (b.state != buffer_state::device || b.pins > 0) continue;
+    // Note [Eviction order]: furthest next use first when the schedule is known (Belady's
+    // rule), least recently used otherwise.
+    const std::uint64_t key = advisor_ != nullptr ? advisor_->next_use(id) : UINT64_MAX - b.last_use;
+    candidates.push_back({id, key});
+  }
+  std::sort(candidates.begin(), candidates.end(), [](const candidate& a, const candidate& b) {
+    return a.key != b.key ? a.key > b.key : a.id < b.id;
+  });
+  std::size_t freed = 0;
+  auto& rec = global_recorder();
+  for (const candidate& c : candidates) {
+    if (freed >= bytes) break;
+    buffer& b = buffers_.at(c.id);
+    const std::size_t n = b.bytes;
+    const int layer = b.layer;
+    if (swap_out_locked(c.id, b, b.last_stream, /*eviction=*/true)) {
+      freed += n;
+      rec.record(trace_event::marker(event_kind::evict, dev_.host_time_ns(), trace_track::host, c.id, n,
+                                     layer, advisor_ != nullptr ? event_detail::belady : event_detail::lru));
+    }
+  }
+  return freed;
+}
+
+void swap_engine::poll() {
+  std::lock_guard lock(mutex_);
+  poll_locked();
+}
+
+void swap_engine::poll_locked() {
+  auto& rec = global_recorder();
+  for (std::size_t i = 0; i < copies_.size();) {
+    pending_copy& c = copies_[i];
+    if (!dev_.query_event(c.done)) {
+      ++i;
+      continue;
+    }
+    const double ns = to_ns(dev_.elapsed_ms(c.start, c.done));
+    if (c.out) {
+      stats_.copy_out_ns += ns;
+    } else {
+      stats_.copy_in_ns += ns;
+    }
+    if (timeline_ != nullptr && rec.enabled()) {
+      const double t0 = timeline_->time_ns(c.start);
+      const double t1 = timeline_->time_ns(c.done);
+      const auto stream = static_cast<std::uintptr_t>(c.out ? d2h_ : h2d_);
+      const event_detail why = c.out ? event_detail::none
+                                     : (c.demand ? event_detail::demand : event_detail::prefetch);
+      rec.record(trace_event::swap(c.out ? event_kind::swap_out_begin : event_kind::swap_in_begin, t0,
+                                   c.id, c.bytes, c.layer, stream, why));
+      rec.record(trace_event::swap(c.out ? event_kind::swap_out_end : event_kind::swap_in_end, t1, c.id,
+                                   c.bytes, c.layer, stream, why));
+    }
+    auto it = buffers_.find(c.id);
+    if (it != buffers_.end()) {
+      buffer& b = it->second;
+      if (c.out && b.has_departed_event && b.departed == c.done) {
+        b.has_departed_event = false;
+        if (b.state == buffer_state::swapping_out) b.state = buffer_state::host;
+      } else if (!c.out && b.has_arrived_event && b.arrived == c.done) {
+        b.has_arrived_event = false;
+        if (b.state == buffer_state::swapping_in) b.state = buffer_state::device;
+      }
+    }
+    stats_.bytes_in_flight -= c.bytes;
+    give_event_locked(c.start);
+    give_event_locked(c.done);
+    c = copies_.back();
+    copies_.pop_back();
+  }
+  for (std::size_t i = 0; i < stalls_.size();) {
+    pending_stall& s = stalls_[i];
+    if (!dev_.query_event(s.after)) {
+      ++i;
+      continue;
+    }
+    const double wait = to_ns(dev_.elapsed_ms(s.before, s.after));
+    if (wait > opts_.stall_threshold_ns) {
+      ++stats_.stalls;
+      stats_.stall_ns += wait;
+      if (timeline_ != nullptr && rec.enabled()) {
+        rec.record(trace_event::stall_for(timeline_->time_ns(s.before), wait, s.id, s.layer,
+                                          static_cast<std::uintptr_t>(s.consumer)));
+      }
+    }
+    give_event_locked(s.before);
+    give_event_locked(s.after);
+    s = stalls_.back();
+    stalls_.pop_back();
+  }
+}
+
+void swap_engine::synchronize() {
+  std::vector<event_t> waits;
+  {
+    std::lock_guard lock(mutex_);
+    for (const pending_copy& c : copies_) waits.push_back(c.done);
+    for (const pending_stall& s : stalls_) waits.push_back(s.after);
+  }
+  // Events stay ours while they are pending (only poll_locked gives them back), so waiting on
+  // them without the lock is safe.
+  for (event_t e : waits) dev_.synchronize_event(e);
+  std::lock_guard lock(mutex_);
+  poll_locked();
+}
+
+buffer_state swap_engine::state(buffer_id id) const {
+  std::lock_guard lock(mutex_);
+  auto it = buffers_.find(id);
+  if (it == buffers_.end()) throw error(fmt::format("swap_engine::state: no buffer {}", id));
+  return it->second.state;
+}
+
+std::size_t swap_engine::size(buffer_id id) const {
+  std::lock_guard lock(mutex_);
+  auto it = buffers_.find(id);
+  return it == buffers_.end() ? 0 : it->second.bytes;
+}
+
+void swap_engine::set_advisor(eviction_advisor* advisor) {
+  std::lock_guard lock(mutex_);
+  advisor_ = advisor;
+}
+
+swap_stats swap_engine::stats() const {
+  std::lock_guard lock(mutex_);
+  return stats_;
+}
+
+external_memory_report swap_engine::memory_report() const {
+  external_memory_report r;
+  {
+    std::lock_guard lock(mutex_);
+    r.swapped_out = stats_.bytes_on_host;
+  }
+  const auto pool = host_pool_.stats();
+  r.pinned_used = static_cast<std::size_t>(pool.reserved_bytes.current);
+  r.pinned_limit = host_pool_.limit();
+  return r;
+}
+
+}  // namespace gpuswap
