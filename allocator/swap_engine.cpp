@@ -22,7 +22,9 @@ namespace gpuswap {
 //      for the D2H and the H2D before it is given back.
 //   5. The consumer reads complete device bytes: acquire makes the consumer stream wait for the
 //      H2D's done event (tests: swap_engine_ordering_test, "prefetch").
-//   6. Later users of the block: release records the consumer stream on the block.
+//   6. Later users of the block: release records the consumer stream on the block, and a
+//      block brought in records the H2D stream, so a buffer destroyed early is not reused
+//      under its own copy.
 //
 // Note [Locking]
 // mutex_ is never held while calling caching_allocator::allocate: a short allocator calls
@@ -81,7 +83,7 @@ swap_engine::~swap_engine() {
 swap_engine::buffer& swap_engine::get_locked(buffer_id id, const char* what) {
   auto it = buffers_.find(id);
   if (it == buffers_.end()) {
-    throw error(fmt::format("swap_engine::{}: no buffer {}", what, id));
+    throw_error(fmt::format("swap_engine::{}: no buffer {}", what, id));
   }
   return it->second;
 }
@@ -282,10 +284,19 @@ void swap_engine::bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, boo
   };
   (void)previous;
 
+  // Note [Home stream]: the block comes from the pool of the buffer's home stream (where it was
+  // created and is consumed), not the H2D stream's, so that a budget is not split into one pool
+  // per stream. The H2D stream then waits for the home stream's work so far, which is what
+  // makes reuse of a home-stream block safe there.
+  stream_t home{};
+  {
+    buffer& b = get_locked(id, "bring_in");
+    home = b.block_stream;
+  }
   void* dev_ptr = nullptr;
   lock.unlock();
   try {
-    dev_ptr = alloc_.allocate(bytes, h2d_);  // may evict others through reclaim()
+    dev_ptr = alloc_.allocate(bytes, home);  // may evict others through reclaim()
   } catch (...) {
     lock.lock();
     revert(demand);
@@ -301,6 +312,15 @@ void swap_engine::bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, boo
   event_t start{}, done{};
   bool copy_enqueued = false;
   try {
+    event_t ready = take_event_locked();
+    try {
+      dev_.record_event(ready, home);
+      dev_.wait_event(h2d_, ready);  // Note [Home stream]
+    } catch (...) {
+      give_event_locked(ready);
+      throw;
+    }
+    give_event_locked(ready);
     if (b.has_departed_event) dev_.wait_event(h2d_, b.departed);  // Note [Swap ordering] 3
     start = take_event_locked();
     done = take_event_locked();
@@ -324,9 +344,9 @@ void swap_engine::bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, boo
   }
   host_pool_.record_stream(b.host, h2d_);  // Note [Swap ordering] 4
   host_pool_.deallocate(b.host);
+  alloc_.record_stream(dev_ptr, h2d_);  // freed early, the block still waits for the H2D
   b.host = nullptr;
   b.dev = dev_ptr;
-  b.block_stream = h2d_;
   b.state = buffer_state::swapping_in;
   b.arrived = done;
   b.has_arrived_event = true;
@@ -463,7 +483,7 @@ void swap_engine::synchronize() {
 buffer_state swap_engine::state(buffer_id id) const {
   std::lock_guard lock(mutex_);
   auto it = buffers_.find(id);
-  if (it == buffers_.end()) throw error(fmt::format("swap_engine::state: no buffer {}", id));
+  if (it == buffers_.end()) throw_error(fmt::format("swap_engine::state: no buffer {}", id));
   return it->second.state;
 }
 

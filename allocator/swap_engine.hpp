@@ -141,7 +141,7 @@ class swap_engine final : public reclaimer {
     buffer_state state = buffer_state::device;
     void* dev = nullptr;
     void* host = nullptr;
-    stream_t block_stream{};     // the stream the device block was allocated on
+    stream_t block_stream{};     // home: the stream its device blocks are allocated on
     stream_t last_stream{};      // the last stream that wrote or used it (orders a swap-out)
     event_t arrived{};           // recorded after the H2D; valid while has_arrived_event
     bool has_arrived_event = false;

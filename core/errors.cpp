@@ -10,6 +10,8 @@ config_error::config_error(std::string key, std::string value, std::string messa
 device_error::device_error(std::string call, std::string error_name, std::string message)
     : error(std::move(message)), call_(std::move(call)), error_name_(std::move(error_name)) {}
 
+void throw_error(std::string message) { throw error(std::move(message)); }
+
 void throw_config_error(std::string_view key, std::string_view value, std::string_view accepted,
                         std::string_view problem) {
   std::string message = fmt::format("gpuswap config: key '{}' has value '{}'", key, value);

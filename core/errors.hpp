@@ -64,6 +64,7 @@ class out_of_memory : public std::bad_alloc {
 };
 
 // The single throw site of each kind.
+[[noreturn]] void throw_error(std::string message);
 [[noreturn]] void throw_config_error(std::string_view key, std::string_view value,
                                      std::string_view accepted, std::string_view problem = {});
 [[noreturn]] void throw_device_error(std::string_view call, std::string_view error_name,

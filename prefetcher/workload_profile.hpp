@@ -59,6 +59,9 @@ struct workload_profile {
   // strictly ascending and not before the producer, step_scratch_bytes empty or sized like
   // steps, compute_ns not negative); else a description of the first problem found.
   std::string check() const;
+  // Throws config_error (key "workload_profile", the problem as the value) unless check() is
+  // empty.
+  void validate() const;
 };
 
 }  // namespace gpuswap

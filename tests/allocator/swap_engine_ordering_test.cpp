@@ -100,7 +100,7 @@ std::size_t consume_before_copy_in(bool guarded) {
   if (!engine.swap_out(id, compute)) return n;
   engine.synchronize();
   // Leave garbage in the memory the buffer will come back to.
-  auto* junk = static_cast<unsigned char*>(alloc.allocate(n, engine.h2d_stream()));
+  auto* junk = static_cast<unsigned char*>(alloc.allocate(n, compute));
   std::memset(junk, 0xFF, n);
   alloc.deallocate(junk);
 

@@ -1,0 +1,926 @@
+#include "allocator/caching_allocator.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <exception>
+#include <limits>
+#include <utility>
+
+#include "allocator/oom_report.hpp"
+#include "core/errors.hpp"
+#include "core/logging.hpp"
+
+namespace gpuswap {
+
+// Note [Locking]
+// One std::mutex (mutex_) guards the pools, the blocks, the segment map, the pending queues
+// and the statistics. The hot path (a cache hit, a free without record_stream) takes it once
+// and does a hash-map operation and one or two tree operations under it.
+// It is never held across a call that may wait for the device: allocate_device, free_device
+// (cudaFree synchronises), synchronize_event and synchronize. Those paths count the bytes
+// involved in in_flight_bytes_ so that the budget holds while the lock is dropped, drop the
+// lock, make the call, and take the lock again; whatever they decide afterwards is decided
+// again from the state they find. create_event, record_event and query_event are called under
+// the lock: by the device contract they enqueue or poll and never wait for device work (the
+// simulator's query_event may wait for a worker to finish an operation whose modelled time has
+// passed, which is bounded by that one operation).
+// Reclaimers and the external reporter are called with no lock held, because they call back
+// into deallocate and into their own locks; reclaim_mutex_ guards only their registration.
+// No lock is recursive and no two are held together.
+
+// Note [Stream-ordered reuse]
+// A block belongs to the stream it was allocated on, and all blocks of a segment share the
+// segment's stream, because a free block is only ever handed to a request on its own stream.
+// Work on one stream runs in order, so a block freed on its stream can be reused on it at once:
+// the next user's work is queued behind the last user's. When record_stream named other
+// streams, deallocate records an event on each of them and the block stays "pending" (active,
+// not allocated, not in any pool) until every one has completed. Completion is polled with
+// query_event at the start of allocations (and waited for on the OOM ladder and in
+// empty_cache), in record order per stream, stopping at a stream's first incomplete event:
+// events of one stream complete in the order they were recorded. This is the reuse-before-the-
+// other-stream-finished bug of PyTorch #23729, guarded.
+
+// Note [Pending blocks never merge]
+// Coalescing two free neighbours must not lose either side's pending state: RMM #2489 merged
+// free lists and kept only one stream's event, letting a block be reused while the donor
+// stream still wrote to it. Here a pending block is not free: its state is `pending`, it is not
+// in any pool, and free_block_locked only merges neighbours whose state is `free`. A pending
+// block merges with its free neighbours when its own last event completes, so a merged block
+// is always one with nothing outstanding. (caching_allocator_ordering_test checks both orders.)
+
+// Note [Failed event records]
+// deallocate is noexcept, but creating or recording an event can fail. A block whose event
+// could not be recorded cannot be proven idle by polling, so it is flagged with the current
+// sync epoch and stays pending until a device-wide synchronize begun after the flag completes
+// (the OOM ladder and empty_cache run one when any block is flagged). Nothing is lost, and no
+// block is reused early.
+
+// Note [Budget and segment sizes]
+// Reserved bytes plus in_flight_bytes_ never exceed the budget, checked before every
+// allocate_device. Segment sizes follow PyTorch (2 MiB for the small pool; 20 MiB for large
+// requests below 10 MiB; else the request rounded up to 2 MiB), except when the preferred size
+// does not fit the budget's headroom, or the device refuses it: then the smallest segment that
+// holds the request is tried, so that a budget a few MiB above the live data still serves
+// requests that a 20 MiB segment would not fit.
+
+// Note [OOM ladder]
+// A request the cache cannot serve climbs, each rung followed by a retry (search, then a new
+// segment): (1) release every cached segment that is wholly free; (2) if blocks are pending,
+// wait for their events (and for a device-wide synchronize if a record failed) and release
+// again; (3) ask the reclaimers, without any lock, to evict at least the rounded request, and
+// if they freed anything start over (at most max_reclaim_rounds times). Then out_of_memory.
+// A request larger than the whole budget skips the ladder: no release or eviction can serve it,
+// and evicting everything for nothing would be the worst answer.
+
+namespace {
+
+constexpr int max_reclaim_rounds = 4;
+
+constexpr std::size_t round_up(std::size_t value, std::size_t unit) noexcept {
+  return (value + unit - 1) / unit * unit;
+}
+
+stat_pool stat_pool_of(pool_kind kind) noexcept {
+  return kind == pool_kind::small ? stat_pool::small : stat_pool::large;
+}
+
+void add(stat_array& a, pool_kind kind, std::int64_t amount) noexcept {
+  a[stat_pool::all].increase(amount);
+  a[stat_pool_of(kind)].increase(amount);
+}
+
+void sub(stat_array& a, pool_kind kind, std::int64_t amount) noexcept {
+  a[stat_pool::all].decrease(amount);
+  a[stat_pool_of(kind)].decrease(amount);
+}
+
+std::int64_t signed_size(std::size_t n) noexcept { return static_cast<std::int64_t>(n); }
+
+const char* state_name(block_state state) noexcept {
+  switch (state) {
+    case block_state::allocated:
+      return "active_allocated";
+    case block_state::pending:
+      return "active_pending_free";
+    case block_state::free:
+      return "inactive";
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+void caching_allocator_options::validate() const {
+  if (device_limit != 0 && device_limit < caching_allocator::small_buffer) {
+    throw_config_error("device_limit", std::to_string(device_limit),
+                       "0 (the physical capacity) or at least 2 MiB (2097152 bytes)",
+                       "a budget below one 2 MiB segment cannot hold any allocation");
+  }
+  if (max_split_size != SIZE_MAX && max_split_size <= caching_allocator::large_buffer) {
+    throw_config_error("max_split_size", std::to_string(max_split_size),
+                       "more than 20 MiB (20971520 bytes), or unset",
+                       "blocks at most one large segment in size are always splittable");
+  }
+}
+
+std::size_t caching_allocator::round_size(std::size_t bytes) noexcept {
+  if (bytes > std::numeric_limits<std::size_t>::max() - min_block_size) return 0;
+  if (bytes < min_block_size) return min_block_size;
+  return round_up(bytes, min_block_size);
+}
+
+std::size_t caching_allocator::segment_size(std::size_t rounded) noexcept {
+  if (rounded <= small_size) return small_buffer;
+  if (rounded < min_large_alloc) return large_buffer;
+  return round_up(rounded, round_large);
+}
+
+caching_allocator::caching_allocator(device& dev, caching_allocator_options opts)
+    : dev_(dev), opts_(opts) {
+  opts_.validate();
+  const memory_info info = dev_.memory();
+  if (opts_.device_limit > info.total_bytes) {
+    throw_config_error("device_limit", std::to_string(opts_.device_limit),
+                       fmt::format("0 or at most the physical capacity of {} ({} bytes)",
+                                   dev_.name(), info.total_bytes),
+                       "above the device's physical capacity");
+  }
+  budget_ = opts_.device_limit != 0 ? opts_.device_limit : info.total_bytes;
+}
+
+caching_allocator::~caching_allocator() {
+  std::unique_lock lock(mutex_);
+  if (!allocated_.empty()) {
+    log().warn(
+        "caching_allocator: destroyed with {} live blocks ({} bytes); their "
+        "memory is returned to the device",
+        allocated_.size(), stats_.allocated_bytes.all().current);
+  }
+  try {
+    if (pending_events_total_ > 0 || unsynced_blocks_ > 0) synchronize_pending(lock);
+  } catch (const std::exception& e) {
+    log().warn("caching_allocator: waiting for pending frees at destruction failed: {}", e.what());
+  }
+  if (!lock.owns_lock()) lock.lock();
+  std::vector<void*> bases;
+  bases.reserve(segments_.size());
+  for (const auto& [base, seg] : segments_) bases.push_back(reinterpret_cast<void*>(base));
+  std::vector<event_t> events = std::move(spare_events_);
+  for (const stream_queue& q : queues_) {
+    for (const block::stream_use* u = q.head; u != nullptr; u = u->next) events.push_back(u->event);
+  }
+  queues_.clear();
+  lock.unlock();
+  for (void* base : bases) dev_.free_device(base);
+  for (event_t e : events) dev_.destroy_event(e);
+}
+
+caching_allocator::request caching_allocator::make_request(std::size_t bytes,
+                                                           stream_t stream) const noexcept {
+  const std::size_t size = round_size(bytes);
+  return request{bytes, size, size <= small_size ? pool_kind::small : pool_kind::large, stream};
+}
+
+bool caching_allocator::should_split(const block& b, std::size_t size) const noexcept {
+  const std::size_t remaining = b.size - size;
+  if (b.pool == pool_kind::small) return remaining >= min_block_size;
+  return size < opts_.max_split_size && b.size <= opts_.max_split_size && remaining > small_size;
+}
+
+// --- allocate --------------------------------------------------------------------------------
+
+void* caching_allocator::allocate(std::size_t bytes, stream_t stream) {
+  if (bytes == 0) return nullptr;
+  const request req = make_request(bytes, stream);
+  std::unique_lock lock(mutex_);
+  if (req.size == 0 || req.size > budget_) throw_oom(lock, bytes, req.size);
+  if (void* p = search_locked(req)) return p;
+  return allocate_slow(lock, req);
+}
+
+void* caching_allocator::search_locked(const request& req) {
+  if (pending_events_total_ != 0) process_events_locked();
+  block* b = pool_of(req.pool).best_fit(req.stream, req.size, opts_.max_split_size, large_buffer);
+  return b != nullptr ? take_block_locked(*b, req, /*in_pool=*/true) : nullptr;
+}
+
+void* caching_allocator::search_or_new_segment(std::unique_lock<std::mutex>& lock,
+                                               const request& req) {
+  if (void* p = search_locked(req)) return p;
+  return new_segment(lock, req);
+}
+
+void* caching_allocator::allocate_slow(std::unique_lock<std::mutex>& lock, const request& req) {
+  // Note [OOM ladder].
+  for (int round = 0;; ++round) {
+    if (void* p = search_or_new_segment(lock, req)) return p;
+    ++stats_.num_alloc_retries;
+    release_unused_segments(lock);
+    if (void* p = search_or_new_segment(lock, req)) return p;
+    if (pending_events_total_ != 0 || unsynced_blocks_ != 0) {
+      synchronize_pending(lock);
+      release_unused_segments(lock);
+      if (void* p = search_or_new_segment(lock, req)) return p;
+    }
+    if (round == max_reclaim_rounds) break;
+    if (call_reclaimers(lock, req) == 0) break;
+  }
+  throw_oom(lock, req.bytes, req.size);
+}
+
+void* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const request& req) {
+  // Note [Budget and segment sizes].
+  const std::size_t preferred = segment_size(req.size);
+  const std::size_t minimal =
+      req.pool == pool_kind::small ? small_buffer : round_up(req.size, round_large);
+  const std::size_t candidates[2] = {preferred, minimal};
+  const std::size_t candidate_count = preferred == minimal ? 1 : 2;
+  for (std::size_t i = 0; i < candidate_count; ++i) {
+    const std::size_t seg_size = candidates[i];
+    const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+    const std::size_t used = reserved + in_flight_bytes_;
+    if (used > budget_ || seg_size > budget_ - used) continue;
+    in_flight_bytes_ += seg_size;
+    lock.unlock();
+    void* ptr = nullptr;
+    try {
+      ptr = dev_.allocate_device(seg_size);
+    } catch (...) {
+      lock.lock();
+      in_flight_bytes_ -= seg_size;
+      throw;
+    }
+    lock.lock();
+    in_flight_bytes_ -= seg_size;
+    if (ptr == nullptr) continue;
+    block* b = nullptr;
+    segment* seg = nullptr;
+    const auto base = reinterpret_cast<std::uintptr_t>(ptr);
+    try {
+      b = new_block_object();
+      auto [it, inserted] = segments_.try_emplace(base);
+      seg = &it->second;
+    } catch (...) {
+      if (b != nullptr) recycle_block_object(b);
+      lock.unlock();
+      dev_.free_device(ptr);
+      lock.lock();
+      throw;
+    }
+    ++stats_.num_device_allocs;
+    seg->base = base;
+    seg->size = seg_size;
+    seg->pool = req.pool;
+    seg->stream = req.stream;
+    seg->first = b;
+    b->address = base;
+    b->size = seg_size;
+    b->stream = req.stream;
+    b->seg = seg;
+    b->pool = req.pool;
+    b->state = block_state::free;
+    add(stats_.segment, req.pool, 1);
+    add(stats_.reserved_bytes, req.pool, signed_size(seg_size));
+    try {
+      return take_block_locked(*b, req, /*in_pool=*/false);
+    } catch (...) {
+      // The segment stays cached as one free block; accounting is already consistent.
+      pool_insert_locked(*b);
+      throw;
+    }
+  }
+  return nullptr;
+}
+
+void* caching_allocator::take_block_locked(block& b, const request& req, bool in_pool) {
+  // Everything that may throw comes first, so that a failure leaves the state untouched.
+  block* remainder = should_split(b, req.size) ? new_block_object() : nullptr;
+  try {
+    allocated_.insert(b.address, &b);
+  } catch (...) {
+    if (remainder != nullptr) recycle_block_object(remainder);
+    throw;
+  }
+
+  if (in_pool) pool_erase_locked(b);
+  if (remainder != nullptr) {
+    remainder->address = b.address + req.size;
+    remainder->size = b.size - req.size;
+    remainder->stream = b.stream;
+    remainder->seg = b.seg;
+    remainder->pool = b.pool;
+    remainder->state = block_state::free;
+    remainder->prev = &b;
+    remainder->next = b.next;
+    if (b.next != nullptr) b.next->prev = remainder;
+    b.next = remainder;
+    b.size = req.size;
+    pool_insert_locked(*remainder);
+  }
+  b.state = block_state::allocated;
+  b.requested = req.bytes;
+  const pool_kind kind = b.pool;
+  add(stats_.allocation, kind, 1);
+  add(stats_.allocated_bytes, kind, signed_size(b.size));
+  add(stats_.active, kind, 1);
+  add(stats_.active_bytes, kind, signed_size(b.size));
+  add(stats_.requested_bytes, kind, signed_size(b.requested));
+  return b.ptr();
+}
+
+// --- free ------------------------------------------------------------------------------------
+
+void caching_allocator::deallocate(void* ptr) noexcept {
+  if (ptr == nullptr) return;
+  bool invalid = false;
+  {
+    std::lock_guard lock(mutex_);
+    block* b = allocated_.erase(reinterpret_cast<std::uintptr_t>(ptr));
+    if (b == nullptr) {
+      ++stats_.num_invalid_frees;
+      invalid = true;
+    } else {
+      const pool_kind kind = b->pool;
+      sub(stats_.allocation, kind, 1);
+      sub(stats_.allocated_bytes, kind, signed_size(b->size));
+      if (b->stream_uses.empty()) {
+        free_block_locked(b);
+      } else {
+        start_pending_locked(b);
+      }
+    }
+  }
+  if (invalid) {
+    log().error(
+        "caching_allocator: deallocate of {} which it did not allocate "
+        "(double free or foreign pointer); ignored",
+        ptr);
+  }
+}
+
+void caching_allocator::start_pending_locked(block* b) noexcept {
+  // Note [Stream-ordered reuse]; Note [Failed event records].
+  b->state = block_state::pending;
+  for (block::stream_use& use : b->stream_uses) {
+    event_t event{};
+    bool have_event = false;
+    try {
+      if (!spare_events_.empty()) {
+        event = spare_events_.back();
+        spare_events_.pop_back();
+        have_event = true;
+      } else {
+        spare_events_.reserve(events_created_ + 1);
+        event = dev_.create_event();
+        ++events_created_;
+        have_event = true;
+      }
+      dev_.record_event(event, use.stream);
+    } catch (...) {
+      if (have_event) spare_events_.push_back(event);  // capacity covers every event
+      if (b->needs_sync_epoch == 0) {
+        b->needs_sync_epoch = sync_epoch_;
+        ++unsynced_blocks_;
+      }
+      continue;
+    }
+    stream_queue* q = queue_of(use.stream);  // created by record_stream
+    use.event = event;
+    use.recorded = true;
+    use.owner = b;
+    use.next = nullptr;
+    if (q->tail != nullptr) {
+      q->tail->next = &use;
+    } else {
+      q->head = &use;
+    }
+    q->tail = &use;
+    ++b->pending_events;
+    ++pending_events_total_;
+  }
+  if (b->pending_events == 0 && b->needs_sync_epoch == 0) free_block_locked(b);
+}
+
+void caching_allocator::free_block_locked(block* b) noexcept {
+  // Note [Pending blocks never merge].
+  const pool_kind kind = b->pool;
+  sub(stats_.active, kind, 1);
+  sub(stats_.active_bytes, kind, signed_size(b->size));
+  sub(stats_.requested_bytes, kind, signed_size(b->requested));
+  b->requested = 0;
+  b->stream_uses.clear();
+  b->state = block_state::free;
+  if (block* prev = b->prev; prev != nullptr && prev->in_pool()) {
+    pool_erase_locked(*prev);
+    prev->size += b->size;
+    prev->next = b->next;
+    if (b->next != nullptr) b->next->prev = prev;
+    recycle_block_object(b);
+    b = prev;
+  }
+  if (block* next = b->next; next != nullptr && next->in_pool()) {
+    pool_erase_locked(*next);
+    b->size += next->size;
+    b->next = next->next;
+    if (next->next != nullptr) next->next->prev = b;
+    recycle_block_object(next);
+  }
+  pool_insert_locked(*b);
+}
+
+void caching_allocator::process_events_locked() {
+  for (stream_queue& q : queues_) {
+    while (q.head != nullptr) {
+      block::stream_use* use = q.head;
+      if (!dev_.query_event(use->event)) break;
+      q.head = use->next;
+      if (q.head == nullptr) q.tail = nullptr;
+      spare_events_.push_back(use->event);  // capacity covers every event
+      use->recorded = false;
+      use->next = nullptr;
+      --pending_events_total_;
+      block* b = use->owner;
+      if (--b->pending_events == 0 && b->needs_sync_epoch == 0) free_block_locked(b);
+    }
+  }
+}
+
+void caching_allocator::clear_unsynced_locked(std::uint64_t epoch) {
+  // Collected first: freeing one block merges it with free neighbours, and flagged blocks are
+  // pending, never free, so no collected block is merged away by another's release.
+  std::vector<block*> ready;
+  for (auto& [base, seg] : segments_) {
+    for (block* b = seg.first; b != nullptr; b = b->next) {
+      if (b->needs_sync_epoch != 0 && b->needs_sync_epoch <= epoch) ready.push_back(b);
+    }
+  }
+  for (block* b : ready) {
+    b->needs_sync_epoch = 0;
+    --unsynced_blocks_;
+    if (b->pending_events == 0) free_block_locked(b);
+  }
+}
+
+void caching_allocator::synchronize_pending(std::unique_lock<std::mutex>& lock) {
+  std::vector<event_t> tails;
+  tails.reserve(queues_.size());
+  for (const stream_queue& q : queues_) {
+    if (q.tail != nullptr) tails.push_back(q.tail->event);
+  }
+  const std::uint64_t epoch = unsynced_blocks_ != 0 ? sync_epoch_++ : 0;
+  lock.unlock();
+  // Waiting for a stream's last pending event covers the earlier ones on that stream. If the
+  // event was recycled and recorded again meanwhile, this waits longer, never too little.
+  for (event_t e : tails) dev_.synchronize_event(e);
+  if (epoch != 0) dev_.synchronize();
+  lock.lock();
+  if (epoch != 0) clear_unsynced_locked(epoch);
+  process_events_locked();
+}
+
+std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mutex>& lock) {
+  std::vector<std::pair<void*, std::size_t>> victims;
+  victims.reserve(segments_.size());
+  std::size_t total = 0;
+  for (auto it = segments_.begin(); it != segments_.end();) {
+    segment& seg = it->second;
+    block* b = seg.first;
+    if (b->next != nullptr || b->state != block_state::free) {
+      ++it;
+      continue;
+    }
+    pool_erase_locked(*b);
+    recycle_block_object(b);
+    sub(stats_.segment, seg.pool, 1);
+    sub(stats_.reserved_bytes, seg.pool, signed_size(seg.size));
+    victims.emplace_back(reinterpret_cast<void*>(seg.base), seg.size);
+    total += seg.size;
+    it = segments_.erase(it);
+  }
+  ++stats_.num_cache_flushes;
+  if (victims.empty()) return 0;
+  in_flight_bytes_ += total;  // still counted against the budget until the device has them
+  lock.unlock();
+  for (const auto& [ptr, size] : victims) dev_.free_device(ptr);
+  lock.lock();
+  in_flight_bytes_ -= total;
+  stats_.num_device_frees += victims.size();
+  return total;
+}
+
+std::size_t caching_allocator::call_reclaimers(std::unique_lock<std::mutex>& lock,
+                                               const request& req) {
+  std::vector<reclaimer*> list;
+  {
+    std::lock_guard reclaim_lock(reclaim_mutex_);
+    if (reclaimers_.empty()) return 0;
+    list = reclaimers_;
+    ++reclaim_calls_in_flight_;
+  }
+  lock.unlock();
+  std::size_t freed = 0;
+  std::exception_ptr failure;
+  try {
+    for (reclaimer* r : list) {
+      freed += r->reclaim(req.size - std::min(freed, req.size), req.stream);
+      if (freed >= req.size) break;
+    }
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  {
+    std::lock_guard reclaim_lock(reclaim_mutex_);
+    --reclaim_calls_in_flight_;
+  }
+  reclaim_done_.notify_all();
+  if (failure) std::rethrow_exception(failure);
+  lock.lock();
+  return freed;
+}
+
+void caching_allocator::throw_oom(std::unique_lock<std::mutex>& lock, std::size_t bytes,
+                                  std::size_t rounded) {
+  ++stats_.num_ooms;
+  oom_report report;
+  report.requested = bytes;
+  report.rounded = rounded;
+  report.budget = budget_;
+  report.budget_is_device_limit = opts_.device_limit != 0;
+  report.allocated = static_cast<std::size_t>(stats_.allocated_bytes.all().current);
+  report.reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+  report.max_split_size = opts_.max_split_size;
+  for (const block_pool* pool : {&small_pool_, &large_pool_}) {
+    pool->for_each([&](const block& b) {
+      report.largest_free_block = std::max(report.largest_free_block, b.size);
+    });
+  }
+  lock.unlock();
+  report.device_name = dev_.name();
+  report.device_ordinal = dev_.ordinal();
+  try {
+    report.physical = dev_.memory();
+  } catch (...) {
+    report.physical = {};  // the message is about memory; a failing query only blanks a line
+  }
+  std::function<external_memory_report()> reporter;
+  {
+    std::lock_guard reclaim_lock(reclaim_mutex_);
+    reporter = reporter_;
+  }
+  if (reporter) {
+    try {
+      report.external = reporter();
+    } catch (...) {
+      report.external.reset();
+    }
+  }
+  throw_out_of_memory(format_oom_message(report));
+}
+
+// --- record_stream, empty_cache --------------------------------------------------------------
+
+void caching_allocator::record_stream(void* ptr, stream_t stream) {
+  std::lock_guard lock(mutex_);
+  block* b = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  if (b == nullptr || stream == b->stream) return;
+  for (const block::stream_use& use : b->stream_uses) {
+    if (use.stream == stream) return;
+  }
+  if (queue_of(stream) == nullptr) queues_.push_back(stream_queue{stream, nullptr, nullptr});
+  block::stream_use use;
+  use.stream = stream;
+  b->stream_uses.push_back(use);
+}
+
+void caching_allocator::empty_cache() {
+  std::unique_lock lock(mutex_);
+  if (pending_events_total_ != 0 || unsynced_blocks_ != 0) synchronize_pending(lock);
+  release_unused_segments(lock);
+}
+
+// --- bookkeeping helpers ---------------------------------------------------------------------
+
+// Note [Hot path]
+// A cache hit is: lock, best_fit (one lower_bound in the pool's tree), maybe a split (a spare
+// block object and one tree insert), one block_index insert, stat updates; a free without
+// record_stream is: lock, one block_index erase, merges with free neighbours (tree erases),
+// one tree insert. Nothing allocates in the steady state (block objects, index slots and events
+// are recycled), nothing logs, no std::function is built. The remaining cost is memory: with
+// 100,000 live blocks the tree and index no longer fit in cache, so a flat index (one probe,
+// usually one cache line) and the block's hot fields in its first cache line matter more than
+// instruction counts.
+
+caching_allocator::block_index::block_index() {
+  slots_.resize(1024);
+  shift_ = 64 - 10;
+}
+
+std::size_t caching_allocator::block_index::home(std::uintptr_t address) const noexcept {
+  // Addresses are multiples of 512; Fibonacci hashing spreads the remaining bits.
+  return static_cast<std::size_t>(((address >> 9) * 0x9E3779B97F4A7C15ull) >> shift_);
+}
+
+void caching_allocator::block_index::grow() {
+  std::vector<slot> old(slots_.size() * 2);
+  old.swap(slots_);
+  --shift_;
+  const std::size_t mask = slots_.size() - 1;
+  for (const slot& s : old) {
+    if (s.address == 0) continue;
+    std::size_t i = home(s.address);
+    while (slots_[i].address != 0) i = (i + 1) & mask;
+    slots_[i] = s;
+  }
+}
+
+void caching_allocator::block_index::insert(std::uintptr_t address, block* b) {
+  if ((size_ + 1) * 2 > slots_.size()) grow();  // load factor <= 1/2: short probe runs
+  const std::size_t mask = slots_.size() - 1;
+  std::size_t i = home(address);
+  while (slots_[i].address != 0) i = (i + 1) & mask;
+  slots_[i] = slot{address, b};
+  ++size_;
+}
+
+block* caching_allocator::block_index::find(std::uintptr_t address) const noexcept {
+  if (address == 0) return nullptr;
+  const std::size_t mask = slots_.size() - 1;
+  for (std::size_t i = home(address);; i = (i + 1) & mask) {
+    if (slots_[i].address == address) return slots_[i].value;
+    if (slots_[i].address == 0) return nullptr;
+  }
+}
+
+block* caching_allocator::block_index::erase(std::uintptr_t address) noexcept {
+  if (address == 0) return nullptr;
+  const std::size_t mask = slots_.size() - 1;
+  std::size_t i = home(address);
+  while (slots_[i].address != address) {
+    if (slots_[i].address == 0) return nullptr;
+    i = (i + 1) & mask;
+  }
+  block* found = slots_[i].value;
+  // Backward-shift deletion: pull later entries of the run into the hole when their home
+  // position allows, so that no tombstones accumulate.
+  for (std::size_t j = (i + 1) & mask; slots_[j].address != 0; j = (j + 1) & mask) {
+    const std::size_t h = home(slots_[j].address);
+    // Move j into the hole at i unless its home lies cyclically in (i, j].
+    const bool stays = i <= j ? (i < h && h <= j) : (i < h || h <= j);
+    if (!stays) {
+      slots_[i] = slots_[j];
+      i = j;
+    }
+  }
+  slots_[i] = slot{};
+  --size_;
+  return found;
+}
+
+block* caching_allocator::new_block_object() {
+  if (!spare_blocks_.empty()) {
+    block* b = spare_blocks_.back();
+    spare_blocks_.pop_back();
+    return b;
+  }
+  spare_blocks_.reserve(block_storage_.size() + 1);  // so that recycling never allocates
+  return &block_storage_.emplace_back();
+}
+
+void caching_allocator::recycle_block_object(block* b) noexcept {
+  b->address = 0;
+  b->size = 0;
+  b->requested = 0;
+  b->stream = stream_t{};
+  b->state = block_state::free;
+  b->pending_events = 0;
+  b->needs_sync_epoch = 0;
+  b->seg = nullptr;
+  b->pool = pool_kind::small;
+  b->prev = nullptr;
+  b->next = nullptr;
+  b->stream_uses.clear();
+  spare_blocks_.push_back(b);
+}
+
+caching_allocator::stream_queue* caching_allocator::queue_of(stream_t stream) noexcept {
+  for (stream_queue& q : queues_) {
+    if (q.stream == stream) return &q;
+  }
+  return nullptr;
+}
+
+void caching_allocator::pool_insert_locked(block& b) noexcept {
+  pool_of(b.pool).insert(b);
+  if (b.is_split()) {
+    add(stats_.inactive_split, b.pool, 1);
+    add(stats_.inactive_split_bytes, b.pool, signed_size(b.size));
+  }
+}
+
+void caching_allocator::pool_erase_locked(block& b) noexcept {
+  pool_of(b.pool).erase(b);
+  if (b.is_split()) {
+    sub(stats_.inactive_split, b.pool, 1);
+    sub(stats_.inactive_split_bytes, b.pool, signed_size(b.size));
+  }
+}
+
+// --- observers -------------------------------------------------------------------------------
+
+allocator_stats caching_allocator::stats() const {
+  std::lock_guard lock(mutex_);
+  return stats_;
+}
+
+void caching_allocator::reset_peak_stats() {
+  std::lock_guard lock(mutex_);
+  stats_.reset_peak();
+}
+
+std::size_t caching_allocator::allocated_size(const void* ptr) const {
+  std::lock_guard lock(mutex_);
+  const block* b = allocated_.find(reinterpret_cast<std::uintptr_t>(ptr));
+  return b != nullptr ? b->size : 0;
+}
+
+void caching_allocator::add_reclaimer(reclaimer* r) {
+  if (r == nullptr) return;
+  std::lock_guard lock(reclaim_mutex_);
+  if (std::find(reclaimers_.begin(), reclaimers_.end(), r) == reclaimers_.end()) {
+    reclaimers_.push_back(r);
+  }
+}
+
+void caching_allocator::remove_reclaimer(reclaimer* r) {
+  std::unique_lock lock(reclaim_mutex_);
+  reclaimers_.erase(std::remove(reclaimers_.begin(), reclaimers_.end(), r), reclaimers_.end());
+  // A call that copied the list before the removal may still be using r.
+  reclaim_done_.wait(lock, [this] { return reclaim_calls_in_flight_ == 0; });
+}
+
+void caching_allocator::set_external_memory_reporter(
+    std::function<external_memory_report()> reporter) {
+  std::lock_guard lock(reclaim_mutex_);
+  reporter_ = std::move(reporter);
+}
+
+nlohmann::json caching_allocator::snapshot() const {
+  nlohmann::json out;
+  out["device"] = dev_.name();
+  out["budget"] = budget_;
+  nlohmann::json segments = nlohmann::json::array();
+  allocator_stats copy;
+  {
+    std::lock_guard lock(mutex_);
+    copy = stats_;
+    for (const auto& [base, seg] : segments_) {
+      nlohmann::json blocks = nlohmann::json::array();
+      for (const block* b = seg.first; b != nullptr; b = b->next) {
+        blocks.push_back({{"address", b->address},
+                          {"size", b->size},
+                          {"requested", b->requested},
+                          {"state", state_name(b->state)},
+                          {"stream", static_cast<std::uintptr_t>(b->stream)}});
+      }
+      segments.push_back({{"address", seg.base},
+                          {"size", seg.size},
+                          {"pool", seg.pool == pool_kind::small ? "small" : "large"},
+                          {"stream", static_cast<std::uintptr_t>(seg.stream)},
+                          {"blocks", std::move(blocks)}});
+    }
+  }
+  out["stats"] = copy.to_json();
+  out["segments"] = std::move(segments);
+  return out;
+}
+
+std::string caching_allocator::validate() const {
+  std::lock_guard lock(mutex_);
+  std::string problems;
+  auto fail = [&problems](std::string line) {
+    problems += line;
+    problems += '\n';
+  };
+
+  allocator_stats expect;  // recomputed current values
+  const auto count = add;
+  std::size_t free_blocks[2] = {0, 0};
+  std::size_t allocated_blocks = 0;
+  std::size_t pending_events = 0;
+  std::size_t unsynced = 0;
+
+  for (const auto& [base, seg] : segments_) {
+    if (seg.base != base) fail(fmt::format("segment {:#x}: keyed as {:#x}", seg.base, base));
+    count(expect.segment, seg.pool, 1);
+    count(expect.reserved_bytes, seg.pool, signed_size(seg.size));
+    std::uintptr_t expected_address = seg.base;
+    const block* prev = nullptr;
+    for (const block* b = seg.first; b != nullptr; prev = b, b = b->next) {
+      auto bad = [&](bool broken, const char* what) {
+        if (broken)
+          fail(fmt::format("block {:#x} of segment {:#x}: {}", b->address, seg.base, what));
+      };
+      bad(b->address != expected_address, "does not start where its prev ends");
+      bad(b->prev != prev, "prev link broken");
+      bad(b->seg != &seg || b->pool != seg.pool, "points at another segment");
+      bad(b->in_pool() != (b->state == block_state::free), "pool link disagrees with state");
+      bad(b->stream != seg.stream, "stream differs from its segment's");
+      bad(b->size == 0 || b->size % min_block_size != 0, "bad size");
+      expected_address = b->address + b->size;
+      const bool linked = b->free_hook.is_linked();
+      switch (b->state) {
+        case block_state::free:
+          ++free_blocks[seg.pool == pool_kind::small ? 0 : 1];
+          bad(!linked || !pool_of(seg.pool).contains(*b), "free but not in its pool");
+          bad(b->requested != 0 || !b->stream_uses.empty(), "free with leftovers");
+          bad(b->pending_events != 0 || b->needs_sync_epoch != 0, "free but pending");
+          bad(prev != nullptr && prev->state == block_state::free,
+              "free next to a free block (not merged)");
+          if (b->is_split()) {
+            count(expect.inactive_split, seg.pool, 1);
+            count(expect.inactive_split_bytes, seg.pool, signed_size(b->size));
+          }
+          break;
+        case block_state::allocated: {
+          ++allocated_blocks;
+          bad(linked, "allocated but in a pool");
+          bad(allocated_.find(b->address) != b, "allocated but not in the map");
+          bad(b->pending_events != 0 || b->needs_sync_epoch != 0, "allocated but pending");
+          count(expect.allocation, seg.pool, 1);
+          count(expect.allocated_bytes, seg.pool, signed_size(b->size));
+          count(expect.active, seg.pool, 1);
+          count(expect.active_bytes, seg.pool, signed_size(b->size));
+          count(expect.requested_bytes, seg.pool, signed_size(b->requested));
+          break;
+        }
+        case block_state::pending: {
+          bad(linked, "pending but in a pool");
+          bad(allocated_.find(b->address) != nullptr, "pending but in the map");
+          bad(b->pending_events == 0 && b->needs_sync_epoch == 0, "pending on nothing");
+          std::size_t recorded = 0;
+          for (const block::stream_use& use : b->stream_uses) recorded += use.recorded ? 1 : 0;
+          bad(recorded != b->pending_events, "pending_events does not match its uses");
+          pending_events += b->pending_events;
+          unsynced += b->needs_sync_epoch != 0 ? 1 : 0;
+          count(expect.active, seg.pool, 1);
+          count(expect.active_bytes, seg.pool, signed_size(b->size));
+          count(expect.requested_bytes, seg.pool, signed_size(b->requested));
+          break;
+        }
+      }
+    }
+    if (expected_address != seg.base + seg.size) {
+      fail(fmt::format("segment {:#x}: blocks do not tile it", seg.base));
+    }
+  }
+  if (small_pool_.size() != free_blocks[0]) fail("small pool holds blocks that are not free");
+  if (large_pool_.size() != free_blocks[1]) fail("large pool holds blocks that are not free");
+  if (allocated_.size() != allocated_blocks) fail("allocated map holds blocks not allocated");
+  std::size_t queued = 0;
+  for (const stream_queue& q : queues_) {
+    const block::stream_use* last = nullptr;
+    for (const block::stream_use* u = q.head; u != nullptr; last = u, u = u->next) {
+      ++queued;
+      if (u->stream != q.stream || !u->recorded) fail("pending queue holds a foreign entry");
+    }
+    if (last != q.tail) fail("pending queue tail is stale");
+  }
+  if (queued != pending_events || pending_events != pending_events_total_) {
+    fail(fmt::format("pending events: {} queued, {} on blocks, {} counted", queued, pending_events,
+                     pending_events_total_));
+  }
+  if (unsynced != unsynced_blocks_) fail("unsynced block count is off");
+
+  auto check = [&](const char* name, const stat_array& have, const stat_array& want) {
+    for (std::size_t i = 0; i < stat_pool_count; ++i) {
+      const stat& h = have.by_pool[i];
+      if (h.current != want.by_pool[i].current) {
+        fail(fmt::format("stat {}[{}]: current {} but the blocks say {}", name, i, h.current,
+                         want.by_pool[i].current));
+      }
+      if (h.allocated - h.freed != h.current || h.peak < h.current || h.current < 0) {
+        fail(
+            fmt::format("stat {}[{}]: inconsistent {{current {}, peak {}, allocated {}, freed {}}}",
+                        name, i, h.current, h.peak, h.allocated, h.freed));
+      }
+    }
+  };
+  check("allocation", stats_.allocation, expect.allocation);
+  check("segment", stats_.segment, expect.segment);
+  check("active", stats_.active, expect.active);
+  check("inactive_split", stats_.inactive_split, expect.inactive_split);
+  check("allocated_bytes", stats_.allocated_bytes, expect.allocated_bytes);
+  check("reserved_bytes", stats_.reserved_bytes, expect.reserved_bytes);
+  check("active_bytes", stats_.active_bytes, expect.active_bytes);
+  check("inactive_split_bytes", stats_.inactive_split_bytes, expect.inactive_split_bytes);
+  check("requested_bytes", stats_.requested_bytes, expect.requested_bytes);
+  const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+  if (reserved + in_flight_bytes_ > budget_) {
+    fail(fmt::format("reserved {} + in flight {} exceed the budget {}", reserved, in_flight_bytes_,
+                     budget_));
+  }
+  return problems;
+}
+
+}  // namespace gpuswap

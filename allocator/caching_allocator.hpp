@@ -1,0 +1,226 @@
+#pragma once
+// caching_allocator: gpuswap's device allocator. Segments come from device::allocate_device, are
+// split into blocks and cached on free, the way PyTorch's CUDA caching allocator does it, so
+// that the steady state of a training loop never calls the device.
+//
+// What a caller can rely on (details in the Notes of caching_allocator.cpp):
+//   - Requests are rounded up to 512 bytes; blocks are 512-byte aligned within their segment.
+//     Requests <= 1 MiB come from 2 MiB segments (small pool); larger ones from 20 MiB segments
+//     when below 10 MiB, else from a segment of their size rounded up to 2 MiB (large pool).
+//   - Stream-ordered reuse: a block belongs to the stream it was allocated on. Freed, it is
+//     reusable on that stream at once; if record_stream named other streams, only after the
+//     work they had enqueued when it was freed is complete.
+//   - The bytes of segments held (reserved) never exceed budget(): device_limit, or the
+//     device's physical capacity when device_limit is 0.
+//   - Before failing, allocate frees unused cached segments, waits for pending frees, and asks
+//     the registered reclaimers (the swap engine) to evict; then it throws out_of_memory with
+//     a message that says where the memory is.
+//   - Every method is thread-safe. deallocate is noexcept.
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "allocator/allocator_stats.hpp"
+#include "allocator/block_pool.hpp"
+#include "allocator/reclaimer.hpp"
+#include "device/device.hpp"
+
+namespace gpuswap {
+
+struct caching_allocator_options {
+  // Budget in bytes below the physical capacity; 0 = the physical capacity. When set it must be
+  // at least 2 MiB (one small segment) and at most the device's physical capacity.
+  std::size_t device_limit = 0;
+  // Blocks larger than this are never split, and requests below it never take them (PyTorch's
+  // max_split_size_mb). SIZE_MAX (the default) disables the rule; otherwise it must be more
+  // than 20 MiB, the large segment size.
+  std::size_t max_split_size = SIZE_MAX;
+
+  // Throws config_error naming the field.
+  void validate() const;
+};
+
+class caching_allocator {
+ public:
+  static constexpr std::size_t min_block_size = 512;                 // rounding unit and alignment
+  static constexpr std::size_t small_size = std::size_t{1} << 20;    // largest small-pool request
+  static constexpr std::size_t small_buffer = std::size_t{2} << 20;  // small-pool segment
+  static constexpr std::size_t min_large_alloc = std::size_t{10} << 20;
+  static constexpr std::size_t large_buffer = std::size_t{20} << 20;  // segment below 10 MiB
+  static constexpr std::size_t round_large = std::size_t{2} << 20;    // larger segments' unit
+
+  // The block size a request of `bytes` gets; 0 when rounding would overflow.
+  static std::size_t round_size(std::size_t bytes) noexcept;
+  // The preferred segment size for a rounded request.
+  static std::size_t segment_size(std::size_t rounded) noexcept;
+
+  // Throws config_error for invalid options or a device_limit above the physical capacity.
+  caching_allocator(device& dev, caching_allocator_options opts);
+  caching_allocator(const caching_allocator&) = delete;
+  caching_allocator& operator=(const caching_allocator&) = delete;
+  // Waits for pending frees and returns every segment to the device (live blocks included:
+  // they are leaked by their owners and counted in a warning).
+  ~caching_allocator();
+
+  // A block of at least `bytes` usable on `stream`. bytes == 0 returns nullptr. Throws
+  // out_of_memory when neither the cache, the budget, nor the reclaimers can serve it, and
+  // device_error when a device call fails for another reason.
+  void* allocate(std::size_t bytes, stream_t stream);
+  // nullptr is a no-op; a pointer this allocator did not hand out is ignored and counted
+  // (stats().num_invalid_frees).
+  void deallocate(void* ptr) noexcept;
+  // The block is also used on `stream`: when freed it is not reused before the work enqueued
+  // on `stream` up to the free is complete. Unknown pointers are ignored (as in PyTorch).
+  void record_stream(void* ptr, stream_t stream);
+  // Waits for pending frees, then returns every unused segment to the device.
+  void empty_cache();
+
+  allocator_stats stats() const;
+  void reset_peak_stats();
+  // {"device", "budget", "stats", "segments": [{"address", "size", "pool", "stream",
+  //  "blocks": [{"address", "size", "requested", "state", "stream"}]}]}; states use PyTorch's
+  // names: "active_allocated", "active_pending_free", "inactive".
+  nlohmann::json snapshot() const;
+
+  // Reclaimers are asked, in registration order, when the cache cannot serve a request.
+  // remove_reclaimer waits until no call to it is in flight; it must not be called from inside
+  // reclaim().
+  void add_reclaimer(reclaimer* r);
+  void remove_reclaimer(reclaimer* r);
+  // Figures for the OOM message from the swap engine and pinned host pool.
+  void set_external_memory_reporter(std::function<external_memory_report()> reporter);
+
+  std::size_t budget() const noexcept { return budget_; }
+  device& dev() noexcept { return dev_; }
+  // The size of the block at `ptr` if it is allocated here (its rounded size), else 0.
+  std::size_t allocated_size(const void* ptr) const;
+
+  // Debug invariant checker: blocks tile their segments, the free index matches block states,
+  // no two free neighbours are left unmerged, pending bookkeeping adds up, and every stat
+  // equals the sum recomputed from the blocks. Returns "" when all hold, else one line per
+  // broken invariant. O(blocks); for tests.
+  std::string validate() const;
+
+ private:
+  struct request {
+    std::size_t bytes;
+    std::size_t size;  // rounded
+    pool_kind pool;
+    stream_t stream;
+  };
+  // A stream's pending events, in record order (so completion order): an intrusive FIFO
+  // through block::stream_uses entries.
+  struct stream_queue {
+    stream_t stream{};
+    block::stream_use* head = nullptr;
+    block::stream_use* tail = nullptr;
+  };
+  // Allocated blocks by address: open addressing with linear probing and backward-shift
+  // deletion in one flat array, so that a lookup is one cache line where a node-based map costs
+  // three dependent loads (see Note [Hot path]). Addresses are never 0, which marks a free slot.
+  class block_index {
+   public:
+    block_index();
+    // Precondition: no entry for `address`. May throw bad_alloc when it grows; then unchanged.
+    void insert(std::uintptr_t address, block* b);
+    block* find(std::uintptr_t address) const noexcept;
+    // Removes and returns the entry, or nullptr if there is none.
+    block* erase(std::uintptr_t address) noexcept;
+    std::size_t size() const noexcept { return size_; }
+    bool empty() const noexcept { return size_ == 0; }
+
+   private:
+    struct slot {
+      std::uintptr_t address = 0;
+      block* value = nullptr;
+    };
+    std::size_t home(std::uintptr_t address) const noexcept;
+    void grow();
+    std::vector<slot> slots_;
+    std::size_t size_ = 0;
+    unsigned shift_ = 0;  // 64 - log2(slots_.size())
+  };
+
+  block_pool& pool_of(pool_kind kind) noexcept {
+    return kind == pool_kind::small ? small_pool_ : large_pool_;
+  }
+  const block_pool& pool_of(pool_kind kind) const noexcept {
+    return kind == pool_kind::small ? small_pool_ : large_pool_;
+  }
+  request make_request(std::size_t bytes, stream_t stream) const noexcept;
+  bool should_split(const block& b, std::size_t size) const noexcept;
+
+  // All *_locked functions require mutex_ held. Those taking the unique_lock may drop it
+  // around a blocking device call and hold it again on return (unless they throw).
+  void* search_locked(const request& req);
+  void* search_or_new_segment(std::unique_lock<std::mutex>& lock, const request& req);
+  void* new_segment(std::unique_lock<std::mutex>& lock, const request& req);
+  void* allocate_slow(std::unique_lock<std::mutex>& lock, const request& req);
+  void* take_block_locked(block& b, const request& req, bool in_pool);
+  void free_block_locked(block* b) noexcept;
+  void start_pending_locked(block* b) noexcept;
+  void process_events_locked();
+  void clear_unsynced_locked(std::uint64_t epoch);
+  std::size_t release_unused_segments(std::unique_lock<std::mutex>& lock);
+  void synchronize_pending(std::unique_lock<std::mutex>& lock);
+  std::size_t call_reclaimers(std::unique_lock<std::mutex>& lock, const request& req);
+  [[noreturn]] void throw_oom(std::unique_lock<std::mutex>& lock, std::size_t bytes,
+                              std::size_t rounded);
+
+  block* new_block_object();
+  void recycle_block_object(block* b) noexcept;
+  stream_queue* queue_of(stream_t stream) noexcept;
+  void pool_insert_locked(block& b) noexcept;
+  void pool_erase_locked(block& b) noexcept;
+
+  device& dev_;
+  const caching_allocator_options opts_;
+  std::size_t budget_ = 0;
+
+  // Note [Locking] (caching_allocator.cpp). mutex_ guards everything below down to stats_.
+  // It is never held across allocate_device, free_device, synchronize_event or synchronize;
+  // it is held across create_event, record_event and query_event, which enqueue or poll and
+  // never wait for the device. Never held together with reclaim_mutex_.
+  mutable std::mutex mutex_;
+  // Block objects live here for the allocator's lifetime and are recycled through
+  // spare_blocks_ (whose capacity always covers every block, so recycling cannot throw).
+  // Declared before the pools so that the pools unlink their blocks first on destruction.
+  std::deque<block> block_storage_;
+  std::vector<block*> spare_blocks_;
+  block_pool small_pool_{pool_kind::small};
+  block_pool large_pool_{pool_kind::large};
+  std::map<std::uintptr_t, segment> segments_;
+  block_index allocated_;
+  // Streams named by record_stream get a queue there, before any free needs one.
+  std::vector<stream_queue> queues_;
+  std::size_t pending_events_total_ = 0;
+  // Blocks whose event record failed: they wait for a device-wide synchronize (Note
+  // [Failed event records]). A block's needs_sync_epoch is the epoch current when it was
+  // flagged; a synchronize that began in epoch E clears flags <= E.
+  std::size_t unsynced_blocks_ = 0;
+  std::uint64_t sync_epoch_ = 1;
+  // Recorded-and-completed events for reuse; capacity covers every event created.
+  std::vector<event_t> spare_events_;
+  std::size_t events_created_ = 0;
+  // Bytes counted against the budget that are not in reserved_bytes: segments being obtained
+  // from allocate_device, and segments on their way back through free_device.
+  std::size_t in_flight_bytes_ = 0;
+  allocator_stats stats_;
+
+  // reclaim_mutex_ guards reclaimers_, reclaim_calls_in_flight_ and reporter_; it is never
+  // held across a reclaim() or reporter call, nor together with mutex_.
+  mutable std::mutex reclaim_mutex_;
+  std::condition_variable reclaim_done_;
+  std::vector<reclaimer*> reclaimers_;
+  std::size_t reclaim_calls_in_flight_ = 0;
+  std::function<external_memory_report()> reporter_;
+};
+
+}  // namespace gpuswap

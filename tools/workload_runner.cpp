@@ -1,0 +1,498 @@
+#include "tools/workload_runner.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <unordered_map>
+
+#include "allocator/caching_allocator.hpp"
+#include "allocator/pinned_host_pool.hpp"
+#include "core/errors.hpp"
+#include "core/logging.hpp"
+#include "device/sim_device.hpp"
+#include "prefetcher/layer_schedule.hpp"
+#include "prefetcher/prefetcher.hpp"
+#include "profiler/device_timeline.hpp"
+#include "profiler/event_recorder.hpp"
+#include "tools/reference_math.hpp"
+#include "tools/workload_graph.hpp"
+
+namespace gpuswap {
+
+// Note [One iteration]
+// Forward, layer by layer on the compute stream: create the output tensor (the allocator may
+// evict idle tensors to make room), acquire the inputs, launch, release; then swap out the
+// tensors the plan offloads whose last forward use this was, and free those nobody needs again.
+// Backward, in reverse: ask the prefetcher which tensors to start bringing back, acquire what
+// the step reads (a tensor still on the host is fetched on demand: a stall), allocate the error
+// signals, launch, free what is used up. Then the SGD update and a host synchronisation, as a
+// training loop that reads its loss does. Every step is bracketed by layer_schedule markers,
+// which measure the step times the next iteration's plan uses.
+
+namespace {
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+struct link_figures {
+  double h2d_bandwidth, d2h_bandwidth, h2d_latency_ns, d2h_latency_ns;
+};
+
+// The host link as the planner should see it: the simulator's own figures, or on a GPU a
+// measured 64 MiB pinned copy each way.
+link_figures probe_link(device& dev) {
+  if (auto* sim = dynamic_cast<sim_device*>(&dev)) {
+    const sim_options& o = sim->options();
+    return {o.h2d_bandwidth, o.d2h_bandwidth, o.h2d_latency_ns, o.d2h_latency_ns};
+  }
+  const std::size_t n = std::size_t{64} << 20;
+  void* host = dev.allocate_pinned(n);
+  void* devp = dev.allocate_device(n);
+  link_figures f{12e9, 12e9, 10'000, 10'000};
+  if (host != nullptr && devp != nullptr) {
+    stream_t s = dev.create_stream(stream_priority::normal);
+    event_t a = dev.create_event(), b = dev.create_event(), c = dev.create_event();
+    dev.record_event(a, s);
+    dev.copy_async(devp, host, n, copy_kind::host_to_device, s);
+    dev.record_event(b, s);
+    dev.copy_async(host, devp, n, copy_kind::device_to_host, s);
+    dev.record_event(c, s);
+    dev.synchronize_event(c);
+    f.h2d_bandwidth = static_cast<double>(n) / (dev.elapsed_ms(a, b) / 1e3);
+    f.d2h_bandwidth = static_cast<double>(n) / (dev.elapsed_ms(b, c) / 1e3);
+    for (event_t e : {a, b, c}) dev.destroy_event(e);
+    dev.destroy_stream(s);
+  }
+  dev.free_device(devp);
+  dev.free_pinned(host);
+  return f;
+}
+
+bool host_addressable(device& dev) {
+  auto* sim = dynamic_cast<sim_device*>(&dev);
+  return sim != nullptr && sim->options().backing == sim_backing::real;
+}
+
+class runner final : public eviction_advisor {
+ public:
+  runner(device& dev, const model_spec& model, const runner_options& o)
+      : dev_(dev),
+        model_(model),
+        opts_(o),
+        batch_(o.batch > 0 ? o.batch : model.default_batch),
+        real_(o.real_math && host_addressable(dev) && model.loss_layer() >= 0 &&
+              std::all_of(model.layers.begin(), model.layers.end(),
+                          [](const layer_spec& l) { return l.has_reference_math(); })),
+        alloc_(dev, caching_allocator_options{o.device_limit, SIZE_MAX}),
+        pool_(dev, pinned_host_pool_options{o.host_limit}),
+        timeline_(dev),
+        engine_(dev, alloc_, pool_, swap_engine_options{}, &timeline_),
+        compute_(dev.create_stream(stream_priority::normal)),
+        schedule_(dev, compute_),
+        link_(probe_link(dev)) {
+    auto* sim = dynamic_cast<sim_device*>(&dev);
+    graph_ = sim != nullptr
+                 ? build_workload_graph(model, batch_, [sim](const kernel_cost& c) { return sim->kernel_ns(c); })
+                 : build_workload_graph(model, batch_, [](const kernel_cost& c) {
+                     return c.flops / 1e13 * 1e9;  // a first guess until measured
+                   });
+    alloc_.set_external_memory_reporter([this] { return engine_.memory_report(); });
+    engine_.set_advisor(this);
+    buffers_.assign(graph_.profile.tensors.size(), 0);
+    errors_.assign(graph_.profile.tensors.size(), nullptr);
+    const std::size_t steps = graph_.profile.steps.size();
+    release_after_.assign(steps, {});
+    for (const tensor_info& t : graph_.profile.tensors) {
+      release_after_[static_cast<std::size_t>(graph_.profile.last_use(t.id))].push_back(t.id);
+    }
+  }
+
+  ~runner() override {
+    engine_.set_advisor(nullptr);
+    try {
+      dev_.synchronize();
+    } catch (const std::exception& e) {
+      log().error("workload runner: synchronize at teardown failed: {}", e.what());
+    }
+    for (buffer_id& b : buffers_) {
+      if (b != 0) engine_.destroy(b);
+      b = 0;
+    }
+    for (void*& e : errors_) {
+      alloc_.deallocate(e);
+      e = nullptr;
+    }
+    for (void* p : params_) alloc_.deallocate(p);
+    for (void* p : grads_) alloc_.deallocate(p);
+    pool_.deallocate(staging_);
+    dev_.destroy_stream(compute_);
+  }
+
+  // eviction_advisor: the step at which the tensor behind `id` is next read.
+  std::uint64_t next_use(buffer_id id) const override {
+    auto it = tensor_of_.find(id);
+    if (it == tensor_of_.end()) return UINT64_MAX;
+    const int next = graph_.profile.next_use_after(it->second, current_step_);
+    return next < 0 ? UINT64_MAX : static_cast<std::uint64_t>(next);
+  }
+
+  run_report run() {
+    run_report r;
+    r.model = model_.name;
+    r.device_name = dev_.name();
+    r.batch = batch_;
+    r.steps = opts_.steps;
+    r.real_math = real_;
+    r.budget_bytes = alloc_.budget();
+    setup();
+    plan(r);
+    std::uint64_t pinned_after_first = 0;
+    losses_.assign(static_cast<std::size_t>(std::max(opts_.steps, 0)), std::nanf(""));
+    for (int it = 0; it < opts_.steps; ++it) {
+      if (it == 1) {
+        schedule_.apply_to(graph_.profile);
+        plan(r);
+      }
+      const double t0 = dev_.host_time_ns();
+      iteration(it, it + 1 == opts_.steps);
+      const double t1 = dev_.host_time_ns();
+      r.step_ns.push_back(t1 - t0);
+      double compute = 0;
+      for (const step_info& s : schedule_.steps()) compute += s.compute_ns;
+      r.compute_ns.push_back(compute);
+      if (it == 0) pinned_after_first = pool_.stats().num_pinned_allocs;
+      global_recorder().record(trace_event::marker(event_kind::iteration, t1, trace_track::host,
+                                                   0, 0, -1));
+    }
+    engine_.synchronize();
+    if (real_) r.losses = losses_;
+    const allocator_stats s = alloc_.stats();
+    r.peak_reserved_bytes = static_cast<std::size_t>(s.reserved_bytes.all().peak);
+    r.peak_allocated_bytes = static_cast<std::size_t>(s.allocated_bytes.all().peak);
+    r.swaps = engine_.stats();
+    r.pinned_allocations = pool_.stats().num_pinned_allocs;
+    r.pinned_allocations_after_first_step = r.pinned_allocations - pinned_after_first;
+    r.last_gradients = std::move(last_gradients_);
+    if (opts_.keep_tensors && real_) {
+      for (std::size_t l = 0; l < params_.size(); ++l) {
+        if (params_[l] == nullptr) continue;
+        const auto* p = static_cast<const float*>(params_[l]);
+        r.final_params.emplace_back(p, p + model_.layers[l].param_elems);
+      }
+    }
+    return r;
+  }
+
+ private:
+  std::size_t bytes_of(int tensor) const {
+    return graph_.profile.tensors[static_cast<std::size_t>(tensor)].bytes;
+  }
+
+  void setup() {
+    const std::size_t dt = static_cast<std::size_t>(model_.dtype_bytes);
+    params_.assign(model_.layers.size(), nullptr);
+    grads_.assign(model_.layers.size(), nullptr);
+    for (const layer_spec& layer : model_.layers) {
+      if (layer.param_elems == 0) continue;
+      const std::size_t n = layer.param_elems;
+      void* p = alloc_.allocate(n * dt, compute_);
+      void* g = alloc_.allocate(n * dt, compute_);
+      params_[static_cast<std::size_t>(layer.index)] = p;
+      grads_[static_cast<std::size_t>(layer.index)] = g;
+      touched_buffer t[2] = {{p, n * dt}, {g, n * dt}};
+      const std::uint64_t seed = opts_.seed;
+      dev_.launch(compute_, kernel_cost{0, 2.0 * static_cast<double>(n * dt), 0},
+                  real_ ? std::function<void()>([&layer, p, g, n, seed] {
+                    init_params(layer, static_cast<float*>(p), seed);
+                    std::memset(g, 0, n * sizeof(float));
+                  })
+                        : std::function<void()>(),
+                  t);
+    }
+    staging_ = pool_.allocate(bytes_of(graph_.input_tensor));
+    labels_.resize(model_.labels_per_sample() * static_cast<std::size_t>(batch_));
+    dev_.synchronize();
+  }
+
+  void plan(run_report& r) {
+    planner_options po;
+    po.policy = opts_.policy;
+    po.budget_bytes = opts_.policy == offload_policy::none ? 0 : alloc_.budget();
+    po.d2h_bandwidth = link_.d2h_bandwidth;
+    po.h2d_bandwidth = link_.h2d_bandwidth;
+    po.d2h_latency_ns = link_.d2h_latency_ns;
+    po.h2d_latency_ns = link_.h2d_latency_ns;
+    po.prefetch = opts_.prefetch;
+    r.plan = plan_offload(graph_.profile, po);
+    prefetch_ = std::make_unique<prefetcher>(
+        graph_.profile, r.plan,
+        prefetch_options{opts_.prefetch, link_.h2d_bandwidth, link_.h2d_latency_ns});
+    offload_ = r.plan.offload;
+  }
+
+  // Allocates (zeroed) the error signal of `tensor` if it has none yet.
+  float* error_of(int tensor) {
+    void*& e = errors_[static_cast<std::size_t>(tensor)];
+    if (e == nullptr) {
+      const std::size_t n = bytes_of(tensor);
+      e = alloc_.allocate(n, compute_);
+      touched_buffer t{e, n};
+      void* p = e;
+      dev_.launch(compute_, kernel_cost{0, static_cast<double>(n), 0},
+                  real_ ? std::function<void()>([p, n] { std::memset(p, 0, n); }) : std::function<void()>(),
+                  {&t, 1});
+    }
+    return static_cast<float*>(e);
+  }
+
+  void create_tensor(int tensor, int layer) {
+    const buffer_id id = engine_.create(bytes_of(tensor), compute_, layer);
+    buffers_[static_cast<std::size_t>(tensor)] = id;
+    tensor_of_[id] = tensor;
+  }
+
+  void destroy_tensor(int tensor) {
+    buffer_id& id = buffers_[static_cast<std::size_t>(tensor)];
+    if (id == 0) return;
+    tensor_of_.erase(id);
+    engine_.destroy(id);
+    id = 0;
+  }
+
+  // Acquires a tensor for the compute stream and remembers to release it after the launch.
+  float* use(int tensor, std::vector<buffer_id>& held, std::vector<touched_buffer>& touched) {
+    const buffer_id id = buffers_[static_cast<std::size_t>(tensor)];
+    if (id == 0) {
+      throw_error(fmt::format("workload runner: tensor {} ({}) is not alive",
+                              tensor, graph_.profile.tensors[static_cast<std::size_t>(tensor)].name));
+    }
+    void* p = engine_.acquire(id, compute_);
+    held.push_back(id);
+    touched.push_back({p, bytes_of(tensor)});
+    return static_cast<float*>(p);
+  }
+
+  void release_all(std::vector<buffer_id>& held) {
+    for (buffer_id id : held) engine_.release(id, compute_);
+    held.clear();
+  }
+
+  // After a step: offload what the plan says leaves now, free what nobody needs any more.
+  void after_step(int step) {
+    const workload_profile& p = graph_.profile;
+    for (const tensor_info& t : p.tensors) {
+      if (buffers_[static_cast<std::size_t>(t.id)] == 0) continue;
+      if (!offload_[static_cast<std::size_t>(t.id)]) continue;
+      if (p.last_forward_use(t.id) != step || p.first_backward_use(t.id) < 0) continue;
+      engine_.swap_out(buffers_[static_cast<std::size_t>(t.id)], compute_);
+    }
+    for (int t : release_after_[static_cast<std::size_t>(step)]) destroy_tensor(t);
+  }
+
+  void iteration(int it, bool last) {
+    prefetch_->reset();
+    const std::size_t dt = static_cast<std::size_t>(model_.dtype_bytes);
+    // Load the batch: host data into pinned staging, then H2D into the input tensor.
+    if (real_) {
+      make_batch(model_, batch_, opts_.seed * 1000 + static_cast<std::uint64_t>(it),
+                 static_cast<float*>(staging_), labels_.data());
+    }
+    current_step_ = 0;
+    create_tensor(graph_.input_tensor, -1);
+    {
+      void* in = engine_.acquire(buffers_[static_cast<std::size_t>(graph_.input_tensor)], compute_);
+      dev_.copy_async(in, staging_, bytes_of(graph_.input_tensor), copy_kind::host_to_device, compute_);
+      engine_.release(buffers_[static_cast<std::size_t>(graph_.input_tensor)], compute_);
+    }
+
+    std::vector<buffer_id> held;
+    std::vector<touched_buffer> touched;
+    for (const layer_spec& layer : model_.layers) {
+      const int l = layer.index;
+      const int step = graph_.forward_step(l);
+      current_step_ = step;
+      schedule_.begin_step(phase::forward, l);
+      const int out_t = graph_.output_tensor[static_cast<std::size_t>(l)];
+      const int state_t = graph_.state_tensor[static_cast<std::size_t>(l)];
+      create_tensor(out_t, l);
+      if (state_t != workload_graph::no_tensor) create_tensor(state_t, l);
+      std::vector<const float*> inputs;
+      for (int in : layer.inputs) inputs.push_back(use(graph_.tensor_of(in), held, touched));
+      float* out = use(out_t, held, touched);
+      if (state_t != workload_graph::no_tensor) use(state_t, held, touched);
+      const float* params = static_cast<const float*>(params_[static_cast<std::size_t>(l)]);
+      if (params != nullptr) touched.push_back({params, layer.param_elems * dt});
+      std::function<void()> fn;
+      if (real_) {
+        if (layer.op == layer_kind::softmax_xent) {
+          float* loss = &losses_[static_cast<std::size_t>(it)];
+          const int* labels = labels_.data();
+          fn = [&layer, b = batch_, in = inputs[0], labels, out, loss] {
+            *loss = softmax_xent_forward(layer, b, in, labels, out);
+          };
+        } else {
+          fn = [&layer, b = batch_, inputs, params, out] { layer_forward(layer, b, inputs, params, out); };
+        }
+      }
+      dev_.launch(compute_, graph_.forward_cost[static_cast<std::size_t>(l)], std::move(fn), touched);
+      release_all(held);
+      touched.clear();
+      schedule_.end_step(phase::forward, l);
+      after_step(step);
+    }
+
+    for (int l = graph_.layers - 1; l >= 0; --l) {
+      const layer_spec& layer = model_.layers[static_cast<std::size_t>(l)];
+      const int step = graph_.backward_step(l);
+      current_step_ = step;
+      schedule_.begin_step(phase::backward, l);
+      const std::size_t budget = alloc_.budget();
+      const auto allocated = static_cast<std::size_t>(alloc_.stats().allocated_bytes.all().current);
+      const std::size_t free_budget = allocated < budget ? budget - allocated : 0;
+      for (int t : prefetch_->issue_before(step, free_budget)) {
+        const buffer_id id = buffers_[static_cast<std::size_t>(t)];
+        if (id != 0 && engine_.prefetch(id)) {
+          global_recorder().record(trace_event::marker(event_kind::prefetch_issued, dev_.host_time_ns(),
+                                                       trace_track::host, id, bytes_of(t), l));
+        }
+      }
+      const int out_t = graph_.output_tensor[static_cast<std::size_t>(l)];
+      const int state_t = graph_.state_tensor[static_cast<std::size_t>(l)];
+      std::vector<const float*> inputs;
+      std::vector<float*> grad_inputs;
+      for (int in : layer.inputs) {
+        const int t = graph_.tensor_of(in);
+        inputs.push_back(layer.backward_needs_input ? use(t, held, touched) : nullptr);
+        if (t == graph_.input_tensor) {
+          grad_inputs.push_back(nullptr);  // the data needs no gradient
+        } else {
+          float* e = error_of(t);
+          grad_inputs.push_back(e);
+          touched.push_back({e, bytes_of(t)});
+        }
+      }
+      const float* out = layer.backward_needs_output ? use(out_t, held, touched) : nullptr;
+      if (state_t != workload_graph::no_tensor) use(state_t, held, touched);
+      const bool is_loss = layer.op == layer_kind::softmax_xent;
+      const float* grad_out = is_loss ? nullptr : error_of(out_t);
+      if (grad_out != nullptr) touched.push_back({grad_out, bytes_of(out_t)});
+      const float* params = static_cast<const float*>(params_[static_cast<std::size_t>(l)]);
+      float* grad_params = static_cast<float*>(grads_[static_cast<std::size_t>(l)]);
+      if (params != nullptr) {
+        touched.push_back({params, layer.param_elems * dt});
+        touched.push_back({grad_params, layer.param_elems * dt});
+      }
+      std::function<void()> fn;
+      if (real_) {
+        if (is_loss) {
+          const int* labels = labels_.data();
+          fn = [&layer, b = batch_, out, labels, g = grad_inputs[0]] {
+            softmax_xent_backward(layer, b, out, labels, g);
+          };
+        } else {
+          fn = [&layer, b = batch_, inputs, out, grad_out, params, grad_inputs, grad_params] {
+            layer_backward(layer, b, inputs, out, grad_out, params, grad_inputs, grad_params);
+          };
+        }
+      }
+      dev_.launch(compute_, graph_.backward_cost[static_cast<std::size_t>(l)], std::move(fn), touched);
+      release_all(held);
+      touched.clear();
+      // The output's error signal is used up.
+      if (void*& e = errors_[static_cast<std::size_t>(out_t)]; e != nullptr) {
+        alloc_.deallocate(e);
+        e = nullptr;
+      }
+      schedule_.end_step(phase::backward, l);
+      after_step(step);
+    }
+
+    update(last);
+    schedule_.end_iteration();
+    dev_.synchronize();  // the training loop reads its loss
+    engine_.poll();
+  }
+
+  void update(bool last) {
+    const std::size_t dt = static_cast<std::size_t>(model_.dtype_bytes);
+    if (last && opts_.keep_tensors && real_) last_gradients_.assign(model_.layers.size(), {});
+    for (const layer_spec& layer : model_.layers) {
+      const auto l = static_cast<std::size_t>(layer.index);
+      if (params_[l] == nullptr) continue;
+      auto* p = static_cast<float*>(params_[l]);
+      auto* g = static_cast<float*>(grads_[l]);
+      const std::size_t n = layer.param_elems;
+      touched_buffer t[2] = {{p, n * dt}, {g, n * dt}};
+      std::vector<float>* keep = last && opts_.keep_tensors && real_ ? &last_gradients_[l] : nullptr;
+      dev_.launch(compute_, kernel_cost{2.0 * static_cast<double>(n), 3.0 * static_cast<double>(n * dt), 0},
+                  real_ ? std::function<void()>([p, g, n, keep, lr = opts_.learning_rate] {
+                    if (keep != nullptr) keep->assign(g, g + n);
+                    sgd_update(p, g, n, lr);
+                    std::memset(g, 0, n * sizeof(float));
+                  })
+                        : std::function<void()>(),
+                  t);
+    }
+    if (last && opts_.keep_tensors && real_) {
+      // Layers without parameters keep no entry.
+      last_gradients_.erase(std::remove_if(last_gradients_.begin(), last_gradients_.end(),
+                                           [](const std::vector<float>& v) { return v.empty(); }),
+                            last_gradients_.end());
+    }
+  }
+
+  device& dev_;
+  const model_spec& model_;
+  const runner_options opts_;
+  const int batch_;
+  const bool real_;
+  caching_allocator alloc_;
+  pinned_host_pool pool_;
+  device_timeline timeline_;
+  swap_engine engine_;
+  stream_t compute_;
+  layer_schedule schedule_;
+  link_figures link_;
+  workload_graph graph_;
+  std::unique_ptr<prefetcher> prefetch_;
+  std::vector<bool> offload_;
+  std::vector<buffer_id> buffers_;          // per tensor, this iteration; 0 = not alive
+  std::unordered_map<buffer_id, int> tensor_of_;
+  std::vector<void*> errors_;               // per tensor: its error signal in backward
+  std::vector<std::vector<int>> release_after_;  // per step: tensors whose last use it is
+  std::vector<void*> params_, grads_;       // per layer
+  void* staging_ = nullptr;                 // pinned input batch
+  std::vector<int> labels_;
+  std::vector<float> losses_;
+  std::vector<std::vector<float>> last_gradients_;
+  int current_step_ = 0;
+};
+
+}  // namespace
+
+double run_report::steady_step_ns() const {
+  if (step_ns.size() <= 1) return step_ns.empty() ? 0 : step_ns[0];
+  return median(std::vector<double>(step_ns.begin() + 1, step_ns.end()));
+}
+
+double run_report::steady_compute_ns() const {
+  if (compute_ns.size() <= 1) return compute_ns.empty() ? 0 : compute_ns[0];
+  return median(std::vector<double>(compute_ns.begin() + 1, compute_ns.end()));
+}
+
+run_report run_workload(device& dev, const model_spec& model, const runner_options& options) {
+  if (options.steps < 1) {
+    throw_config_error("steps", std::to_string(options.steps), "an integer >= 1");
+  }
+  runner r(dev, model, options);
+  return r.run();
+}
+
+}  // namespace gpuswap
