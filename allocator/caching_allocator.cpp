@@ -75,7 +75,7 @@ namespace gpuswap {
 
 namespace {
 
-constexpr int max_reclaim_rounds = 4;
+constexpr int max_reclaim_rounds = 64;
 
 constexpr std::size_t round_up(std::size_t value, std::size_t unit) noexcept {
   return (value + unit - 1) / unit * unit;
@@ -172,6 +172,11 @@ caching_allocator::~caching_allocator() {
   }
   queues_.clear();
   lock.unlock();
+  try {
+    dev_.synchronize();  // Note [Work in flight on released segments]
+  } catch (const std::exception& e) {
+    log().warn("caching_allocator: waiting for the device at destruction failed: {}", e.what());
+  }
   for (void* base : bases) dev_.free_device(base);
   for (event_t e : events) dev_.destroy_event(e);
 }
@@ -502,6 +507,17 @@ std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mut
   if (victims.empty()) return 0;
   in_flight_bytes_ += total;  // still counted against the budget until the device has them
   lock.unlock();
+  // Note [Work in flight on released segments]: a block freed on its own stream is free at
+  // once, while kernels enqueued before the free may still be using it. cudaFree waits for
+  // the device; the Device contract does not promise that (the simulator does not wait), so
+  // the allocator waits itself before giving the memory back.
+  try {
+    dev_.synchronize();
+  } catch (...) {
+    lock.lock();
+    in_flight_bytes_ -= total;
+    throw;
+  }
   for (const auto& [ptr, size] : victims) dev_.free_device(ptr);
   lock.lock();
   in_flight_bytes_ -= total;

@@ -2,8 +2,9 @@
 
 #include <fmt/format.h>
 
-#include <array>
 #include <cstdint>
+
+#include "core/human_bytes.hpp"
 
 namespace gpuswap {
 

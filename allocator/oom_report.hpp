@@ -6,9 +6,8 @@
 #include <optional>
 #include <string>
 
-#include "core/human_bytes.hpp"
-
 #include "allocator/reclaimer.hpp"
+#include "core/human_bytes.hpp"
 #include "device/device.hpp"
 
 namespace gpuswap {
@@ -29,7 +28,6 @@ struct oom_report {
 
   std::size_t cached() const noexcept { return reserved > allocated ? reserved - allocated : 0; }
 };
-
 
 // The out_of_memory message: a headline, then one "label: value" line per field:
 //   requested, device, budget, physical, allocated, cached, swapped out, pinned host, hint.

@@ -1,5 +1,8 @@
 #include "prefetcher/layer_schedule.hpp"
 
+#include "profiler/device_timeline.hpp"
+#include "profiler/event_recorder.hpp"
+
 #include "core/logging.hpp"
 
 namespace gpuswap {
@@ -55,8 +58,18 @@ void layer_schedule::end_iteration() {
   dev_.synchronize_event(current_.back().end);
   std::vector<step_info> measured;
   measured.reserve(current_.size());
+  step_times_.clear();
+  auto& recorder = global_recorder();
   for (const marked_step& m : current_) {
     measured.push_back(step_info{m.ph, m.layer, dev_.elapsed_ms(m.begin, m.end) * 1e6});
+    if (timeline_ == nullptr) continue;
+    const double begin = timeline_->time_ns(m.begin);
+    const double end = timeline_->time_ns(m.end);
+    step_times_.push_back({begin, end});
+    const event_detail ph = m.ph == phase::forward ? event_detail::forward : event_detail::backward;
+    const auto stream = static_cast<std::uintptr_t>(compute_);
+    recorder.record(trace_event::layer_phase(event_kind::layer_begin, begin, m.layer, ph, stream));
+    recorder.record(trace_event::layer_phase(event_kind::layer_end, end, m.layer, ph, stream));
   }
   current_.clear();
   pool_used_ = 0;

@@ -18,6 +18,8 @@
 
 namespace gpuswap {
 
+class device_timeline;
+
 class layer_schedule {
  public:
   layer_schedule(device& dev, stream_t compute);
@@ -44,6 +46,16 @@ class layer_schedule {
   // Copies the measured times into `profile`'s steps when they are in the same order (same
   // phases and layers); returns whether it did.
   bool apply_to(workload_profile& profile) const;
+
+  // With a timeline, end_iteration also places each step on the host clock: it keeps the
+  // times (step_times) and records layer_begin/layer_end trace events for the profiler.
+  void set_timeline(const device_timeline* timeline) noexcept { timeline_ = timeline; }
+  struct step_time {
+    double begin_ns;
+    double end_ns;
+  };
+  // Per step of the last completed iteration (empty without a timeline).
+  const std::vector<step_time>& step_times() const noexcept { return step_times_; }
   // Events made so far (two per step of the longest iteration; reused every iteration).
   std::size_t pooled_events() const noexcept { return pool_.size(); }
 
@@ -66,6 +78,8 @@ class layer_schedule {
   std::vector<step_info> steps_;
   int iterations_ = 0;
   bool mismatch_logged_ = false;
+  const device_timeline* timeline_ = nullptr;
+  std::vector<step_time> step_times_;
 };
 
 }  // namespace gpuswap

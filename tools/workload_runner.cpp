@@ -11,6 +11,7 @@
 #include "allocator/caching_allocator.hpp"
 #include "allocator/pinned_host_pool.hpp"
 #include "core/errors.hpp"
+#include "core/human_bytes.hpp"
 #include "core/logging.hpp"
 #include "device/sim_device.hpp"
 #include "prefetcher/layer_schedule.hpp"
@@ -75,6 +76,16 @@ link_figures probe_link(device& dev) {
   return f;
 }
 
+// Note [Plannable budget]
+// The planner counts bytes; the allocator holds whole segments (2 MiB units) and loses some of
+// them to blocks that do not pack. So the plan aims below the budget: whole segments only, less
+// a tenth for fragmentation.
+std::size_t plannable_budget(std::size_t budget) {
+  const std::size_t unit = caching_allocator::round_large;
+  const std::size_t whole = budget / unit * unit;
+  return whole - whole / 10;
+}
+
 bool host_addressable(device& dev) {
   auto* sim = dynamic_cast<sim_device*>(&dev);
   return sim != nullptr && sim->options().backing == sim_backing::real;
@@ -104,6 +115,7 @@ class runner final : public eviction_advisor {
                      return c.flops / 1e13 * 1e9;  // a first guess until measured
                    });
     alloc_.set_external_memory_reporter([this] { return engine_.memory_report(); });
+    schedule_.set_timeline(&timeline_);
     engine_.set_advisor(this);
     buffers_.assign(graph_.profile.tensors.size(), 0);
     errors_.assign(graph_.profile.tensors.size(), nullptr);
@@ -224,7 +236,7 @@ class runner final : public eviction_advisor {
   void plan(run_report& r) {
     planner_options po;
     po.policy = opts_.policy;
-    po.budget_bytes = opts_.policy == offload_policy::none ? 0 : alloc_.budget();
+    po.budget_bytes = opts_.policy == offload_policy::none ? 0 : plannable_budget(alloc_.budget());
     po.d2h_bandwidth = link_.d2h_bandwidth;
     po.h2d_bandwidth = link_.h2d_bandwidth;
     po.d2h_latency_ns = link_.d2h_latency_ns;
@@ -286,6 +298,14 @@ class runner final : public eviction_advisor {
 
   // After a step: offload what the plan says leaves now, free what nobody needs any more.
   void after_step(int step) {
+    sample_memory();
+    if (log().should_log(spdlog::level::debug)) {
+      const memory_sample& m = samples_.back();
+      log().debug("runner: step {} ({} {}) allocated {} reserved {} on host {}", step,
+                  graph_.profile.steps[static_cast<std::size_t>(step)].ph == phase::forward ? "forward" : "backward",
+                  graph_.profile.steps[static_cast<std::size_t>(step)].layer, human_bytes(m.allocated),
+                  human_bytes(m.reserved), human_bytes(m.on_host));
+    }
     const workload_profile& p = graph_.profile;
     for (const tensor_info& t : p.tensors) {
       if (buffers_[static_cast<std::size_t>(t.id)] == 0) continue;
@@ -294,6 +314,33 @@ class runner final : public eviction_advisor {
       engine_.swap_out(buffers_[static_cast<std::size_t>(t.id)], compute_);
     }
     for (int t : release_after_[static_cast<std::size_t>(step)]) destroy_tensor(t);
+  }
+
+  // What the allocator and the pinned pool hold as each step is enqueued: the profile of
+  // memory over the iteration, placed on the clock once the step times are known.
+  struct memory_sample {
+    std::size_t allocated, reserved, pinned, on_host;
+  };
+  void sample_memory() {
+    const allocator_stats a = alloc_.stats();
+    const external_memory_report h = engine_.memory_report();
+    samples_.push_back({static_cast<std::size_t>(a.allocated_bytes.all().current),
+                        static_cast<std::size_t>(a.reserved_bytes.all().current), h.pinned_used,
+                        h.swapped_out});
+  }
+  void record_memory_counters() {
+    auto& recorder = global_recorder();
+    const auto& times = schedule_.step_times();
+    if (recorder.enabled()) {
+      for (std::size_t i = 0; i < times.size() && i < samples_.size(); ++i) {
+        const memory_sample& m = samples_[i];
+        recorder.record(trace_event::device_counter(times[i].end_ns, static_cast<double>(m.allocated),
+                                                    static_cast<double>(m.reserved)));
+        recorder.record(trace_event::host_counter(times[i].end_ns, static_cast<double>(m.pinned),
+                                                  static_cast<double>(m.on_host)));
+      }
+    }
+    samples_.clear();
   }
 
   void iteration(int it, bool last) {
@@ -416,6 +463,7 @@ class runner final : public eviction_advisor {
 
     update(last);
     schedule_.end_iteration();
+    record_memory_counters();
     dev_.synchronize();  // the training loop reads its loss
     engine_.poll();
   }
@@ -473,6 +521,7 @@ class runner final : public eviction_advisor {
   std::vector<float> losses_;
   std::vector<std::vector<float>> last_gradients_;
   int current_step_ = 0;
+  std::vector<memory_sample> samples_;
 };
 
 }  // namespace

@@ -30,7 +30,7 @@ struct runner_options {
   offload_policy policy = offload_policy::none;
   prefetch_policy prefetch = prefetch_policy::lookahead;
   std::uint64_t seed = 1;
-  float learning_rate = 0.05f;
+  float learning_rate = 0.01f;
   // Keep the last step's parameter gradients and the final parameters (real math only).
   bool keep_tensors = false;
   // Compute for real when the device's memory is host-addressable (the simulator's real
