@@ -10,6 +10,8 @@
 #include "allocator/oom_report.hpp"
 #include "core/errors.hpp"
 #include "core/logging.hpp"
+#include "profiler/event_recorder.hpp"
+#include "profiler/nvtx_ranges.hpp"
 
 namespace gpuswap {
 
@@ -63,6 +65,24 @@ namespace gpuswap {
 // does not fit the budget's headroom, or the device refuses it: then the smallest segment that
 // holds the request is tried, so that a budget a few MiB above the live data still serves
 // requests that a 20 MiB segment would not fit.
+
+// Note [Profiling hooks]
+// The allocator reports what it does to the event recorder (alloc, free, segment map and
+// release, OOM, and a device_memory counter sample whenever reserved memory changes) and, with
+// NVTX compiled in, describes its segments and blocks to an attached tool (nvtx_memory_pool).
+// Both must cost nothing measurable when nobody listens, since every allocation passes here:
+//   - recorder: one relaxed load of the enabled flag per alloc and per free; the event is built
+//     (and the clock read) only when it is set, in the out-of-line trace_* functions.
+//   - NVTX: register_block / unregister_block are an inline test of the pool's tracking flag,
+//     which is set only once a tool accepted a heap, and are empty when NVTX is compiled out.
+// Events are recorded after mutex_ is released (the simulator's clock takes its own lock),
+// except for the rare segment maps. NVTX calls are never made with mutex_ held (the pool has its
+// own lock; Note [Locking] holds no two together) and are ordered so that the tool never sees a
+// block registered twice or unregistered after its reuse: a block is registered after allocate
+// handed it out (nobody else may free it yet) and unregistered before deallocate makes it
+// reusable; a segment is registered before it enters segments_ and unregistered after it left,
+// before free_device. `gpuswap bench alloc` measures the hooks against an allocator made with
+// trace_hooks = false, which skips them entirely.
 
 // Note [OOM ladder]
 // A request the cache cannot serve climbs, each rung followed by a retry (search, then a new
@@ -137,7 +157,11 @@ std::size_t caching_allocator::segment_size(std::size_t rounded) noexcept {
 }
 
 caching_allocator::caching_allocator(device& dev, caching_allocator_options opts)
-    : dev_(dev), opts_(opts) {
+    : dev_(dev),
+      opts_(opts),
+      recorder_(opts.recorder != nullptr ? *opts.recorder : global_recorder()),
+      hooks_(opts.trace_hooks),
+      nvtx_pool_(fmt::format("gpuswap {}", dev.name())) {
   opts_.validate();
   const memory_info info = dev_.memory();
   if (opts_.device_limit > info.total_bytes) {
@@ -172,6 +196,9 @@ caching_allocator::~caching_allocator() {
   }
   queues_.clear();
   lock.unlock();
+  if (hooks_) {
+    for (void* base : bases) nvtx_pool_.unregister_segment(base);
+  }
   try {
     dev_.synchronize();  // Note [Work in flight on released segments]
   } catch (const std::exception& e) {
@@ -195,38 +222,72 @@ bool caching_allocator::should_split(const block& b, std::size_t size) const noe
 
 // --- allocate --------------------------------------------------------------------------------
 
+void* caching_allocator::try_allocate(std::size_t bytes, stream_t stream) {
+  if (bytes == 0) return nullptr;
+  const request req = make_request(bytes, stream);
+  void* ptr = nullptr;
+  std::size_t size = 0;
+  {
+    std::unique_lock lock(mutex_);
+    if (req.size == 0 || req.size > budget_) return nullptr;
+    process_events_locked();
+    block* b = search_locked(req);
+    if (b == nullptr) b = search_or_new_segment(lock, req);
+    if (b == nullptr) return nullptr;
+    ptr = b->ptr();
+    size = b->size;
+  }
+  if (hooks_) {
+    if (recorder_.enabled()) trace_alloc(ptr, size, stream);
+    nvtx_pool_.register_block(ptr, size);
+  }
+  return ptr;
+}
+
 void* caching_allocator::allocate(std::size_t bytes, stream_t stream) {
   if (bytes == 0) return nullptr;
   const request req = make_request(bytes, stream);
-  std::unique_lock lock(mutex_);
-  if (req.size == 0 || req.size > budget_) throw_oom(lock, bytes, req.size);
-  if (void* p = search_locked(req)) return p;
-  return allocate_slow(lock, req);
+  void* ptr = nullptr;
+  std::size_t size = 0;
+  {
+    std::unique_lock lock(mutex_);
+    if (req.size == 0 || req.size > budget_) throw_oom(lock, bytes, req.size);
+    block* b = search_locked(req);
+    if (b == nullptr) b = allocate_slow(lock, req);
+    ptr = b->ptr();
+    size = b->size;
+  }
+  // Note [Profiling hooks].
+  if (hooks_) {
+    if (recorder_.enabled()) trace_alloc(ptr, size, stream);
+    nvtx_pool_.register_block(ptr, size);
+  }
+  return ptr;
 }
 
-void* caching_allocator::search_locked(const request& req) {
+block* caching_allocator::search_locked(const request& req) {
   if (pending_events_total_ != 0) process_events_locked();
   block* b = pool_of(req.pool).best_fit(req.stream, req.size, opts_.max_split_size, large_buffer);
   return b != nullptr ? take_block_locked(*b, req, /*in_pool=*/true) : nullptr;
 }
 
-void* caching_allocator::search_or_new_segment(std::unique_lock<std::mutex>& lock,
-                                               const request& req) {
-  if (void* p = search_locked(req)) return p;
+block* caching_allocator::search_or_new_segment(std::unique_lock<std::mutex>& lock,
+                                                const request& req) {
+  if (block* b = search_locked(req)) return b;
   return new_segment(lock, req);
 }
 
-void* caching_allocator::allocate_slow(std::unique_lock<std::mutex>& lock, const request& req) {
+block* caching_allocator::allocate_slow(std::unique_lock<std::mutex>& lock, const request& req) {
   // Note [OOM ladder].
   for (int round = 0;; ++round) {
-    if (void* p = search_or_new_segment(lock, req)) return p;
+    if (block* b = search_or_new_segment(lock, req)) return b;
     ++stats_.num_alloc_retries;
     release_unused_segments(lock);
-    if (void* p = search_or_new_segment(lock, req)) return p;
+    if (block* b = search_or_new_segment(lock, req)) return b;
     if (pending_events_total_ != 0 || unsynced_blocks_ != 0) {
       synchronize_pending(lock);
       release_unused_segments(lock);
-      if (void* p = search_or_new_segment(lock, req)) return p;
+      if (block* b = search_or_new_segment(lock, req)) return b;
     }
     if (round == max_reclaim_rounds) break;
     if (call_reclaimers(lock, req) == 0) break;
@@ -234,7 +295,7 @@ void* caching_allocator::allocate_slow(std::unique_lock<std::mutex>& lock, const
   throw_oom(lock, req.bytes, req.size);
 }
 
-void* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const request& req) {
+block* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const request& req) {
   // Note [Budget and segment sizes].
   const std::size_t preferred = segment_size(req.size);
   const std::size_t minimal =
@@ -256,6 +317,7 @@ void* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const r
       in_flight_bytes_ -= seg_size;
       throw;
     }
+    if (ptr != nullptr && hooks_) nvtx_pool_.register_segment(ptr, seg_size);
     lock.lock();
     in_flight_bytes_ -= seg_size;
     if (ptr == nullptr) continue;
@@ -269,6 +331,7 @@ void* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const r
     } catch (...) {
       if (b != nullptr) recycle_block_object(b);
       lock.unlock();
+      if (hooks_) nvtx_pool_.unregister_segment(ptr);
       dev_.free_device(ptr);
       lock.lock();
       throw;
@@ -287,6 +350,10 @@ void* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const r
     b->state = block_state::free;
     add(stats_.segment, req.pool, 1);
     add(stats_.reserved_bytes, req.pool, signed_size(seg_size));
+    if (hooks_ && recorder_.enabled()) {
+      trace_segment(event_kind::segment_map, base, seg_size, stats_.allocated_bytes.all().current,
+                    stats_.reserved_bytes.all().current);
+    }
     try {
       return take_block_locked(*b, req, /*in_pool=*/false);
     } catch (...) {
@@ -298,7 +365,7 @@ void* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const r
   return nullptr;
 }
 
-void* caching_allocator::take_block_locked(block& b, const request& req, bool in_pool) {
+block* caching_allocator::take_block_locked(block& b, const request& req, bool in_pool) {
   // Everything that may throw comes first, so that a failure leaves the state untouched.
   block* remainder = should_split(b, req.size) ? new_block_object() : nullptr;
   try {
@@ -331,14 +398,18 @@ void* caching_allocator::take_block_locked(block& b, const request& req, bool in
   add(stats_.active, kind, 1);
   add(stats_.active_bytes, kind, signed_size(b.size));
   add(stats_.requested_bytes, kind, signed_size(b.requested));
-  return b.ptr();
+  return &b;
 }
 
 // --- free ------------------------------------------------------------------------------------
 
 void caching_allocator::deallocate(void* ptr) noexcept {
   if (ptr == nullptr) return;
+  // Note [Profiling hooks]: before the block can be handed to another thread.
+  if (hooks_) nvtx_pool_.unregister_block(ptr);
   bool invalid = false;
+  std::size_t size = 0;
+  stream_t stream{};
   {
     std::lock_guard lock(mutex_);
     block* b = allocated_.erase(reinterpret_cast<std::uintptr_t>(ptr));
@@ -346,6 +417,8 @@ void caching_allocator::deallocate(void* ptr) noexcept {
       ++stats_.num_invalid_frees;
       invalid = true;
     } else {
+      size = b->size;
+      stream = b->stream;
       const pool_kind kind = b->pool;
       sub(stats_.allocation, kind, 1);
       sub(stats_.allocated_bytes, kind, signed_size(b->size));
@@ -361,6 +434,8 @@ void caching_allocator::deallocate(void* ptr) noexcept {
         "caching_allocator: deallocate of {} which it did not allocate "
         "(double free or foreign pointer); ignored",
         ptr);
+  } else if (hooks_ && recorder_.enabled()) {
+    trace_free(ptr, size, stream);
   }
 }
 
@@ -506,6 +581,8 @@ std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mut
   ++stats_.num_cache_flushes;
   if (victims.empty()) return 0;
   in_flight_bytes_ += total;  // still counted against the budget until the device has them
+  const std::int64_t allocated_now = stats_.allocated_bytes.all().current;
+  const std::int64_t reserved_now = stats_.reserved_bytes.all().current;
   lock.unlock();
   // Note [Work in flight on released segments]: a block freed on its own stream is free at
   // once, while kernels enqueued before the free may still be using it. cudaFree waits for
@@ -518,7 +595,18 @@ std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mut
     in_flight_bytes_ -= total;
     throw;
   }
+  if (hooks_) {
+    for (const auto& [ptr, size] : victims) nvtx_pool_.unregister_segment(ptr);
+  }
   for (const auto& [ptr, size] : victims) dev_.free_device(ptr);
+  if (hooks_ && recorder_.enabled()) {
+    for (std::size_t i = 0; i < victims.size(); ++i) {
+      // One counter sample for the whole release, on its last marker.
+      const bool last = i + 1 == victims.size();
+      trace_segment(event_kind::segment_release, reinterpret_cast<std::uintptr_t>(victims[i].first),
+                    victims[i].second, last ? allocated_now : -1, last ? reserved_now : -1);
+    }
+  }
   lock.lock();
   in_flight_bytes_ -= total;
   stats_.num_device_frees += victims.size();
@@ -579,6 +667,16 @@ void caching_allocator::throw_oom(std::unique_lock<std::mutex>& lock, std::size_
   } catch (...) {
     report.physical = {};  // the message is about memory; a failing query only blanks a line
   }
+  if (hooks_ && recorder_.enabled()) {
+    const double t = trace_time_ns();
+    recorder_.record(trace_event::marker(event_kind::oom, t, trace_track::host, 0, bytes));
+    recorder_.record(trace_event::device_counter(t, static_cast<double>(report.allocated),
+                                                 static_cast<double>(report.reserved)));
+  }
+  if (hooks_ && nvtx_enabled()) {
+    const std::string note = fmt::format("gpuswap out of memory: {} bytes requested", bytes);
+    nvtx_mark_message(nvtx_category::alloc, note.c_str(), bytes);
+  }
   std::function<external_memory_report()> reporter;
   {
     std::lock_guard reclaim_lock(reclaim_mutex_);
@@ -612,7 +710,43 @@ void caching_allocator::record_stream(void* ptr, stream_t stream) {
 void caching_allocator::empty_cache() {
   std::unique_lock lock(mutex_);
   if (pending_events_total_ != 0 || unsynced_blocks_ != 0) synchronize_pending(lock);
-  release_unused_segments(lock);
+  const std::size_t released = release_unused_segments(lock);
+  lock.unlock();
+  if (hooks_) nvtx_mark(nvtx_category::alloc, nvtx_name::empty_cache, released);
+}
+
+// --- profiling hooks (Note [Profiling hooks]) ------------------------------------------------
+
+double caching_allocator::trace_time_ns() const noexcept {
+  try {
+    return dev_.host_time_ns();
+  } catch (...) {
+    return 0;  // a clock that fails (a lock error) costs the event its time, not the process
+  }
+}
+
+void caching_allocator::trace_alloc(void* ptr, std::size_t size, stream_t stream) noexcept {
+  trace_event e = trace_event::marker(event_kind::alloc, trace_time_ns(), trace_track::host,
+                                      reinterpret_cast<std::uintptr_t>(ptr), size);
+  e.stream = static_cast<std::uintptr_t>(stream);
+  recorder_.record(e);
+}
+
+void caching_allocator::trace_free(void* ptr, std::size_t size, stream_t stream) noexcept {
+  trace_event e = trace_event::marker(event_kind::free, trace_time_ns(), trace_track::host,
+                                      reinterpret_cast<std::uintptr_t>(ptr), size);
+  e.stream = static_cast<std::uintptr_t>(stream);
+  recorder_.record(e);
+}
+
+void caching_allocator::trace_segment(event_kind kind, std::uintptr_t base, std::size_t size,
+                                      std::int64_t allocated, std::int64_t reserved) noexcept {
+  const double t = trace_time_ns();
+  recorder_.record(trace_event::marker(kind, t, trace_track::host, base, size));
+  if (allocated >= 0) {
+    recorder_.record(trace_event::device_counter(t, static_cast<double>(allocated),
+                                                 static_cast<double>(reserved)));
+  }
 }
 
 // --- bookkeeping helpers ---------------------------------------------------------------------

@@ -31,8 +31,12 @@
 #include "allocator/block_pool.hpp"
 #include "allocator/reclaimer.hpp"
 #include "device/device.hpp"
+#include "profiler/nvtx_memory_pool.hpp"
+#include "profiler/trace_event.hpp"
 
 namespace gpuswap {
+
+class event_recorder;
 
 struct caching_allocator_options {
   // Budget in bytes below the physical capacity; 0 = the physical capacity. When set it must be
@@ -42,6 +46,13 @@ struct caching_allocator_options {
   // max_split_size_mb). SIZE_MAX (the default) disables the rule; otherwise it must be more
   // than 20 MiB, the large segment size.
   std::size_t max_split_size = SIZE_MAX;
+  // Where trace events go (alloc, free, segment map/release, OOM, device counters); nullptr:
+  // global_recorder(). Nothing is recorded while that recorder is disabled.
+  event_recorder* recorder = nullptr;
+  // false removes the profiling hooks (trace events and NVTX memory annotations) entirely, not
+  // just their output: the baseline `gpuswap bench alloc` measures their cost against. Leave
+  // it on everywhere else. See Note [Profiling hooks].
+  bool trace_hooks = true;
 
   // Throws config_error naming the field.
   void validate() const;
@@ -73,6 +84,11 @@ class caching_allocator {
   // out_of_memory when neither the cache, the budget, nor the reclaimers can serve it, and
   // device_error when a device call fails for another reason.
   void* allocate(std::size_t bytes, stream_t stream);
+  // What the cache and the budget can serve now, without waiting for pending frees, releasing
+  // cached segments or asking the reclaimers; nullptr (not out_of_memory) when that is not
+  // enough. For work that may simply be done later, like a prefetch: it must not push out
+  // what is needed sooner.
+  void* try_allocate(std::size_t bytes, stream_t stream);
   // nullptr is a no-op; a pointer this allocator did not hand out is ignored and counted
   // (stats().num_invalid_frees).
   void deallocate(void* ptr) noexcept;
@@ -159,11 +175,11 @@ class caching_allocator {
 
   // All *_locked functions require mutex_ held. Those taking the unique_lock may drop it
   // around a blocking device call and hold it again on return (unless they throw).
-  void* search_locked(const request& req);
-  void* search_or_new_segment(std::unique_lock<std::mutex>& lock, const request& req);
-  void* new_segment(std::unique_lock<std::mutex>& lock, const request& req);
-  void* allocate_slow(std::unique_lock<std::mutex>& lock, const request& req);
-  void* take_block_locked(block& b, const request& req, bool in_pool);
+  block* search_locked(const request& req);
+  block* search_or_new_segment(std::unique_lock<std::mutex>& lock, const request& req);
+  block* new_segment(std::unique_lock<std::mutex>& lock, const request& req);
+  block* allocate_slow(std::unique_lock<std::mutex>& lock, const request& req);
+  block* take_block_locked(block& b, const request& req, bool in_pool);
   void free_block_locked(block* b) noexcept;
   void start_pending_locked(block* b) noexcept;
   void process_events_locked();
@@ -174,6 +190,15 @@ class caching_allocator {
   [[noreturn]] void throw_oom(std::unique_lock<std::mutex>& lock, std::size_t bytes,
                               std::size_t rounded);
 
+  // Note [Profiling hooks]. The *_traced functions run only when the recorder is enabled (or,
+  // for NVTX, a tool tracks this pool); they are out of line so the hot path stays small.
+  double trace_time_ns() const noexcept;
+  void trace_alloc(void* ptr, std::size_t size, stream_t stream) noexcept;
+  void trace_free(void* ptr, std::size_t size, stream_t stream) noexcept;
+  // A marker and, unless `allocated` < 0, a device_memory counter sample.
+  void trace_segment(event_kind kind, std::uintptr_t base, std::size_t size,
+                     std::int64_t allocated, std::int64_t reserved) noexcept;
+
   block* new_block_object();
   void recycle_block_object(block* b) noexcept;
   stream_queue* queue_of(stream_t stream) noexcept;
@@ -183,6 +208,10 @@ class caching_allocator {
   device& dev_;
   const caching_allocator_options opts_;
   std::size_t budget_ = 0;
+  event_recorder& recorder_;
+  const bool hooks_;  // opts_.trace_hooks, kept next to recorder_ for the hot path
+  // Segments and blocks as NVTX heaps and regions; its own lock, never taken with mutex_ held.
+  nvtx_memory_pool nvtx_pool_;
 
   // Note [Locking] (caching_allocator.cpp). mutex_ guards everything below down to stats_.
   // It is never held across allocate_device, free_device, synchronize_event or synchronize;

@@ -6,6 +6,7 @@
 #include "core/logging.hpp"
 #include "profiler/device_timeline.hpp"
 #include "profiler/event_recorder.hpp"
+#include "profiler/nvtx_ranges.hpp"
 
 namespace gpuswap {
 
@@ -36,6 +37,16 @@ namespace gpuswap {
 // under mutex_ is the recovery from a failed event record after a copy was enqueued
 // (synchronize_stream): a device that fails there is already in trouble, and waiting is the only
 // way to know the copy finished.
+
+// Note [NVTX in the engine]
+// The engine has no threads: copies are enqueued, and stalls measured, on the threads that call
+// it. So its NVTX ranges wrap the enqueueing (swap_out, swap_in on demand, prefetch), on the
+// caller's row next to the caller's own ranges, each with the byte count, buffer id and layer;
+// an eviction is a mark after its swap_out range, and a stall a mark emitted when poll
+// finds that a consumer waited longer than the threshold (the wait itself is on the device, on
+// no host thread's row). The copies themselves appear on the copy streams' rows of Nsight's CUDA
+// trace. A library should not rename its host's threads, so the engine names a calling thread's
+// row only when swap_engine_options::nvtx_thread_name asks it to, once per thread.
 
 namespace {
 
@@ -169,7 +180,7 @@ void* swap_engine::acquire(buffer_id id, stream_t consumer) {
       b.last_stream = consumer;
       return b.dev;
     }
-    stalls_.push_back(pending_stall{id, b.layer, consumer, before, after});
+    stalls_.push_back(pending_stall{id, b.layer, b.bytes, consumer, before, after});
   }
   b.last_stream = consumer;
   return b.dev;
@@ -190,8 +201,21 @@ bool swap_engine::swap_out(buffer_id id, stream_t producer) {
   return swap_out_locked(id, b, producer, /*eviction=*/false);
 }
 
+void swap_engine::nvtx_name_caller() const noexcept {
+  // Note [NVTX in the engine]. Per thread, not per engine: one name per row is all Nsight keeps.
+  thread_local bool named = false;
+  if (named || opts_.nvtx_thread_name.empty() || !nvtx_enabled()) return;
+  nvtx_name_thread(opts_.nvtx_thread_name.c_str());
+  named = true;
+}
+
 bool swap_engine::swap_out_locked(buffer_id id, buffer& b, stream_t producer, bool eviction) {
-  if (b.state != buffer_state::device || b.pins > 0) return false;
+  if ((b.state != buffer_state::device && b.state != buffer_state::swapping_in) || b.dev == nullptr ||
+      b.pins > 0) {
+    return false;
+  }
+  nvtx_name_caller();
+  const nvtx_range range(nvtx_category::swap_out, b.bytes, id, b.layer);
   void* host = nullptr;
   try {
     host = host_pool_.allocate(b.bytes);
@@ -269,12 +293,18 @@ bool swap_engine::prefetch(buffer_id id) {
 void swap_engine::bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, bool demand) {
   buffer_state previous{};
   std::size_t bytes = 0;
+  int layer = -1;
   {
     buffer& b = get_locked(id, "bring_in");
     previous = b.state;
     bytes = b.bytes;
+    layer = b.layer;
     b.state = buffer_state::swapping_in;  // not evictable, not brought in twice
   }
+  // Note [NVTX in the engine]: spans the allocation too, so the evictions it forces nest in it.
+  nvtx_name_caller();
+  const nvtx_range range(demand ? nvtx_category::swap_in : nvtx_category::prefetch, bytes, id,
+                         layer);
   auto revert = [&](bool failed) {
     auto it = buffers_.find(id);
     if (it != buffers_.end()) {
@@ -293,16 +323,23 @@ void swap_engine::bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, boo
     buffer& b = get_locked(id, "bring_in");
     home = b.block_stream;
   }
+  // Note [Prefetch never evicts]: a prefetch brings back a buffer needed later than what the
+  // device holds now (else it would have been needed first), so it takes only memory that is
+  // free; a demand fetch is needed now and may evict (through reclaim()).
   void* dev_ptr = nullptr;
   lock.unlock();
   try {
-    dev_ptr = alloc_.allocate(bytes, home);  // may evict others through reclaim()
+    dev_ptr = demand ? alloc_.allocate(bytes, home) : alloc_.try_allocate(bytes, home);
   } catch (...) {
     lock.lock();
     revert(demand);
     throw;
   }
   lock.lock();
+  if (dev_ptr == nullptr) {  // a prefetch that does not fit: stays on the host for now
+    revert(false);
+    return;
+  }
   auto it = buffers_.find(id);
   if (it == buffers_.end()) {  // destroyed while we allocated
     alloc_.deallocate(dev_ptr);
@@ -372,7 +409,13 @@ std::size_t swap_engine::reclaim(std::size_t bytes, stream_t) {
   };
   std::vector<candidate> candidates;
   for (const auto& [id, b] : buffers_) {
-    if (b.state != buffer_state::device || b.pins > 0) continue;
+    // A buffer still arriving is evictable too: its D2H waits for the H2D (Note [Swap
+    // ordering] 1), and a prefetch issued too early must not hold the budget hostage.
+    // (b.dev is null while a bring_in is still allocating its block: not yet evictable.)
+    if ((b.state != buffer_state::device && b.state != buffer_state::swapping_in) || b.dev == nullptr ||
+        b.pins > 0) {
+      continue;
+    }
     // Note [Eviction order]: furthest next use first when the schedule is known (Belady's
     // rule), least recently used otherwise.
     const std::uint64_t key = advisor_ != nullptr ? advisor_->next_use(id) : UINT64_MAX - b.last_use;
@@ -390,6 +433,7 @@ std::size_t swap_engine::reclaim(std::size_t bytes, stream_t) {
     const int layer = b.layer;
     if (swap_out_locked(c.id, b, b.last_stream, /*eviction=*/true)) {
       freed += n;
+      nvtx_mark(nvtx_category::evict, n, c.id, layer);
       rec.record(trace_event::marker(event_kind::evict, dev_.host_time_ns(), trace_track::host, c.id, n,
                                      layer, advisor_ != nullptr ? event_detail::belady : event_detail::lru));
     }
@@ -454,6 +498,7 @@ void swap_engine::poll_locked() {
     if (wait > opts_.stall_threshold_ns) {
       ++stats_.stalls;
       stats_.stall_ns += wait;
+      nvtx_mark(nvtx_category::stall, s.bytes, s.id, s.layer);
       if (timeline_ != nullptr && rec.enabled()) {
         rec.record(trace_event::stall_for(timeline_->time_ns(s.before), wait, s.id, s.layer,
                                           static_cast<std::uintptr_t>(s.consumer)));

@@ -27,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -34,6 +35,7 @@
 #include "allocator/pinned_host_pool.hpp"
 #include "allocator/reclaimer.hpp"
 #include "device/device.hpp"
+#include "profiler/nvtx_ranges.hpp"
 
 namespace gpuswap {
 
@@ -75,6 +77,10 @@ struct swap_stats {
 struct swap_engine_options {
   // A consumer wait shorter than this is not counted as a stall (event timing noise on a GPU).
   double stall_threshold_ns = 1'000;
+  // Names the Nsight row (nvtx_name_thread) of each thread that swaps through the engine, once
+  // per thread; empty (the default) leaves the host program's thread names alone. Note [NVTX in
+  // the engine] in swap_engine.cpp.
+  std::string nvtx_thread_name;
 
   // Test hooks that remove one ordering guarantee each, so that tests can show their checks
   // catch the corruption that follows. Never set outside tests.
@@ -161,6 +167,7 @@ class swap_engine final : public reclaimer {
   struct pending_stall {
     buffer_id id;
     int layer;
+    std::size_t bytes;
     stream_t consumer;
     event_t before, after;
   };
@@ -172,6 +179,7 @@ class swap_engine final : public reclaimer {
   bool swap_out_locked(buffer_id id, buffer& b, stream_t producer, bool eviction);
   void poll_locked();
   void bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, bool demand);
+  void nvtx_name_caller() const noexcept;
 
   device& dev_;
   caching_allocator& alloc_;

@@ -106,6 +106,15 @@ struct sim_device::impl {
   // --- scheduling: guarded by sched_mutex (lock order: sched_mutex, then a stream's mutex) ---
   mutable std::mutex sched_mutex;
   double host_now = 0;
+  // host_now, published for readers that take no lock (now_ns, called on every allocation
+  // when tracing is on). Written only under sched_mutex, through advance_host_to.
+  std::atomic<double> host_now_published{0};
+  void advance_host_to(double t) {
+    if (t > host_now) {
+      host_now = t;
+      host_now_published.store(t, std::memory_order_relaxed);
+    }
+  }
   double h2d_free = 0, d2h_free = 0, compute_free = 0;
   std::vector<interval> h2d_busy, d2h_busy;
   std::unordered_map<std::uintptr_t, std::unique_ptr<sim_stream>> streams;
@@ -349,6 +358,10 @@ struct sim_device::impl {
     if (s.worker.joinable()) s.worker.join();
   }
 
+  void poison(void* p, std::size_t bytes) const {
+    if (opt.backing == sim_backing::real && opt.poison_fresh_memory) std::memset(p, 0xCD, bytes);
+  }
+
   void raise_async_error_locked() {
     if (first_async_error.empty()) return;
     std::string message = std::move(first_async_error);
@@ -396,7 +409,9 @@ void* sim_device::allocate_device(std::size_t bytes) {
     return nullptr;
   }
   void* p = impl_->device_mem.allocate(rounded);
-  if (p != nullptr) impl_->device_used += rounded;
+  if (p == nullptr) return nullptr;
+  impl_->device_used += rounded;
+  impl_->poison(p, rounded);
   return p;
 }
 
@@ -411,7 +426,9 @@ void* sim_device::allocate_pinned(std::size_t bytes) {
   const std::size_t rounded = (bytes + device_alignment - 1) / device_alignment * device_alignment;
   if (rounded < bytes || rounded > impl_->opt.host_capacity - impl_->pinned_used) return nullptr;
   void* p = impl_->pinned_mem.allocate(bytes);
-  if (p != nullptr) impl_->pinned_used += impl_->pinned_mem.find(p)->bytes;
+  if (p == nullptr) return nullptr;
+  impl_->pinned_used += impl_->pinned_mem.find(p)->bytes;
+  impl_->poison(p, bytes);
   return p;
 }
 
@@ -555,7 +572,7 @@ void sim_device::synchronize_stream(stream_t stream) {
   // synchronising is a caller bug, as in CUDA.
   impl::drain(*s);
   std::lock_guard lock(impl_->sched_mutex);
-  impl_->host_now = std::max(impl_->host_now, tail);
+  impl_->advance_host_to(tail);
   impl_->raise_async_error_locked();
 }
 
@@ -571,7 +588,7 @@ void sim_device::synchronize() {
   }
   for (sim_stream* s : all) impl::drain(*s);
   std::lock_guard lock(impl_->sched_mutex);
-  impl_->host_now = std::max(impl_->host_now, tail);
+  impl_->advance_host_to(tail);
   impl_->raise_async_error_locked();
 }
 
@@ -648,7 +665,7 @@ void sim_device::synchronize_event(event_t event) {
   if (!token) return;
   token->wait();
   std::lock_guard lock(impl_->sched_mutex);
-  impl_->host_now = std::max(impl_->host_now, token->time_ns);
+  impl_->advance_host_to(token->time_ns);
   impl_->raise_async_error_locked();
 }
 
@@ -776,13 +793,12 @@ void sim_device::launch(stream_t stream, const kernel_cost& cost, std::function<
 // --- the model's own surface ---------------------------------------------------------------
 
 double sim_device::now_ns() const {
-  std::lock_guard lock(impl_->sched_mutex);
-  return impl_->host_now;
+  return impl_->host_now_published.load(std::memory_order_relaxed);
 }
 
 void sim_device::advance_host_ns(double ns) {
   std::lock_guard lock(impl_->sched_mutex);
-  if (ns > 0) impl_->host_now += ns;
+  if (ns > 0) impl_->advance_host_to(impl_->host_now + ns);
 }
 
 double sim_device::stream_tail_ns(stream_t stream) const {

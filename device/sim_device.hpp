@@ -52,6 +52,10 @@ struct sim_options {
   double host_memory_bandwidth = 20e9;     // bytes/s: H2H copies
   double managed_fault_latency_ns = 20'000;  // per faulted page, on top of the copy time
   std::size_t managed_page_bytes = std::size_t{2} << 20;
+  // Fill fresh device and pinned allocations with a non-zero pattern (real backing), as a GPU
+  // returns whatever was there: code that reads memory it never wrote shows up as wrong
+  // numbers on the simulator too, instead of reading the zeros of fresh host pages.
+  bool poison_fresh_memory = true;
   // Test hook: each worker sleeps a random 0..worker_jitter_us before each operation, to show
   // that modelled times do not depend on thread timing.
   unsigned worker_jitter_us = 0;

@@ -2,16 +2,16 @@
 // NVTX ranges and marks in the `gpuswap` domain, for Nsight Systems.
 //
 //   {
-//     nvtx_swap_range r(nvtx_category::swap_out, bytes, buffer_id, layer);
+//     nvtx_swap_range r(nvtx_category::swap_out, bytes, buffer_ref, layer);
 //     ... enqueue / wait for the D2H copy ...
 //   }
 //   nvtx_layer_range l(nvtx_phase::backward, 12);
-//   nvtx_mark(nvtx_category::evict, bytes, buffer_id, layer);
+//   nvtx_mark(nvtx_category::evict, bytes, buffer_ref, layer);
 //
 // Ranges push on construction and pop on destruction on the calling thread (NVTX push/pop
-// ranges are per thread), so a range must end on the thread that began it. The swap engine
-// emits its swap ranges on its copy-stream threads, which Nsight then shows as their own rows;
-// nvtx_name_thread() labels those rows.
+// ranges are per thread), so a range must end on the thread that began it. The swap engine has
+// no threads of its own: its ranges wrap the enqueueing of each copy on the calling thread
+// (Note [NVTX in the engine]); nvtx_name_thread() labels a thread's row.
 //
 // Every event carries its category (and the category's colour), a registered name and the byte
 // count as payload. With GPUSWAP_WITH_NVTX undefined, or nvtx_enabled() false, all of it is an
@@ -28,12 +28,12 @@ namespace detail {
 // A range calls nvtx_pop() iff it called a push, whatever the push returned: a tool that does
 // not track depth returns NVTX_NO_PUSH_POP_TRACKING yet still expects the pop.
 void nvtx_push(nvtx_category category, nvtx_name name, std::uint64_t bytes,
-               std::uint64_t buffer_id, std::int32_t layer) noexcept;
+               std::uint64_t buffer_ref, std::int32_t layer) noexcept;
 void nvtx_push_layer(nvtx_phase phase, std::int32_t layer) noexcept;
 void nvtx_push_iteration(std::uint64_t iteration) noexcept;
 void nvtx_pop() noexcept;
 void nvtx_mark(nvtx_category category, nvtx_name name, std::uint64_t bytes,
-               std::uint64_t buffer_id, std::int32_t layer) noexcept;
+               std::uint64_t buffer_ref, std::int32_t layer) noexcept;
 void nvtx_mark_message(nvtx_category category, const char* message,
                        std::uint64_t bytes) noexcept;
 void nvtx_name_thread(const char* name) noexcept;
@@ -44,14 +44,14 @@ void nvtx_name_thread(const char* name) noexcept;
 class nvtx_range {
  public:
   nvtx_range(nvtx_category category, std::uint64_t bytes,
-             std::uint64_t buffer_id = nvtx_no_buffer,
+             std::uint64_t buffer_ref = nvtx_no_buffer,
              std::int32_t layer = nvtx_no_layer) noexcept
-      : nvtx_range(category, default_name(category), bytes, buffer_id, layer) {}
+      : nvtx_range(category, default_name(category), bytes, buffer_ref, layer) {}
   nvtx_range(nvtx_category category, nvtx_name name, std::uint64_t bytes,
-             std::uint64_t buffer_id = nvtx_no_buffer,
+             std::uint64_t buffer_ref = nvtx_no_buffer,
              std::int32_t layer = nvtx_no_layer) noexcept
       : pushed_(nvtx_enabled()) {
-    if (pushed_) detail::nvtx_push(category, name, bytes, buffer_id, layer);
+    if (pushed_) detail::nvtx_push(category, name, bytes, buffer_ref, layer);
   }
   ~nvtx_range() {
     if (pushed_) detail::nvtx_pop();
@@ -103,16 +103,16 @@ class nvtx_iteration_range {
 
 // An instant event named after its category (or with another registered name).
 inline void nvtx_mark(nvtx_category category, std::uint64_t bytes,
-                      std::uint64_t buffer_id = nvtx_no_buffer,
+                      std::uint64_t buffer_ref = nvtx_no_buffer,
                       std::int32_t layer = nvtx_no_layer) noexcept {
   if (nvtx_enabled()) {
-    detail::nvtx_mark(category, default_name(category), bytes, buffer_id, layer);
+    detail::nvtx_mark(category, default_name(category), bytes, buffer_ref, layer);
   }
 }
 inline void nvtx_mark(nvtx_category category, nvtx_name name, std::uint64_t bytes,
-                      std::uint64_t buffer_id = nvtx_no_buffer,
+                      std::uint64_t buffer_ref = nvtx_no_buffer,
                       std::int32_t layer = nvtx_no_layer) noexcept {
-  if (nvtx_enabled()) detail::nvtx_mark(category, name, bytes, buffer_id, layer);
+  if (nvtx_enabled()) detail::nvtx_mark(category, name, bytes, buffer_ref, layer);
 }
 // An instant event with a free-form message (copied by the tool on every call: cold paths only,
 // e.g. an OOM report).

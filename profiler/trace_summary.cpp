@@ -53,6 +53,21 @@ std::int64_t intersection_length(const std::vector<interval>& a, const std::vect
   return total;
 }
 
+// a minus b; both merged (sorted, disjoint).
+std::vector<interval> subtract(const std::vector<interval>& a, const std::vector<interval>& b) {
+  std::vector<interval> out;
+  std::size_t j = 0;
+  for (auto [lo, hi] : a) {
+    while (j < b.size() && b[j].second <= lo) ++j;
+    for (std::size_t k = j; k < b.size() && b[k].first < hi; ++k) {
+      if (b[k].first > lo) out.emplace_back(lo, b[k].first);
+      lo = std::max(lo, b[k].second);
+    }
+    if (hi > lo) out.emplace_back(lo, hi);
+  }
+  return out;
+}
+
 std::uint64_t as_bytes(double v) noexcept {
   if (!(v > 0)) return 0;  // also NaN
   constexpr double two_to_64 = 18446744073709551616.0;
@@ -82,6 +97,7 @@ trace_summary summarize(const trace_timeline& timeline) {
 
   std::vector<interval> copies;
   std::vector<interval> compute;
+  std::vector<interval> stalls;
   for (const trace_slice& sl : timeline.slices) {
     const std::int64_t d = sl.duration_ns();
     layer_summary* l = layer(sl.layer);
@@ -114,6 +130,7 @@ trace_summary summarize(const trace_timeline& timeline) {
         if (l != nullptr) (sl.kind == slice_kind::forward ? l->forward_ns : l->backward_ns) += d;
         break;
       case slice_kind::stall:
+        stalls.emplace_back(sl.begin_ns, sl.end_ns);
         s.stall_ns += d;
         ++s.stalls;
         if (l != nullptr) {
@@ -123,8 +140,11 @@ trace_summary summarize(const trace_timeline& timeline) {
         break;
     }
   }
+  // Note [Hidden copy time]: a layer phase that waits for a swap-in (a stall) is not computing
+  // while it waits, so stalls are cut out of the compute time a copy can hide under; otherwise
+  // a demand fetch would count as hidden under the very phase it holds up.
   const auto copy_union = merge(std::move(copies));
-  const auto compute_union = merge(std::move(compute));
+  const auto compute_union = subtract(merge(std::move(compute)), merge(std::move(stalls)));
   s.copy_busy_ns = length(copy_union);
   s.compute_ns = length(compute_union);
   s.copy_hidden_ns = intersection_length(copy_union, compute_union);

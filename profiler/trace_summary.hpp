@@ -45,8 +45,8 @@ struct trace_summary {
   std::int64_t d2h_ns = 0;          // summed swap-out slice durations
   std::int64_t h2d_ns = 0;          // summed swap-in slice durations
   std::int64_t copy_busy_ns = 0;    // length of the union of all copy slices
-  std::int64_t compute_ns = 0;      // length of the union of layer-phase slices
-  std::int64_t copy_hidden_ns = 0;  // |union(copies) ∩ union(layer phases)|
+  std::int64_t compute_ns = 0;      // length of the union of layer-phase slices less stalls
+  std::int64_t copy_hidden_ns = 0;  // |union(copies) ∩ (union(layer phases) − union(stalls))|
   double overlap_pct = 0;           // copy_hidden_ns / copy_busy_ns * 100; 0 with no copies
 
   std::int64_t stall_ns = 0;

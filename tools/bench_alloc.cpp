@@ -13,6 +13,7 @@
 #include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
 #include "device/sim_device.hpp"
+#include "profiler/event_recorder.hpp"
 
 namespace gpuswap {
 namespace {
@@ -83,6 +84,13 @@ std::unique_ptr<sim_device> phantom_device(const pattern& p) {
   return std::make_unique<sim_device>(o);
 }
 
+// (median of a / b) - 1, in percent: each repetition's run against its own baseline run.
+double overhead_pct(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> ratio(a.size());
+  for (std::size_t i = 0; i < a.size(); ++i) ratio[i] = b[i] > 0 ? a[i] / b[i] : 1.0;
+  return (median(std::move(ratio)) - 1.0) * 100.0;
+}
+
 }  // namespace
 
 void alloc_bench_options::validate() const {
@@ -117,10 +125,41 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
     const stream_t stream = cached_dev->default_stream();
     auto passthrough_dev = phantom_device(p);
 
+    // The tracing-overhead allocators. Rings big enough for one replay's events (an alloc and
+    // a free per block, plus segment maps), so that "on" measures recording, not dropping.
+    auto bare_dev = phantom_device(p);
+    caching_allocator_options bare_opts;
+    bare_opts.trace_hooks = false;
+    caching_allocator bare(*bare_dev, bare_opts);
+    event_recorder recorder(2 * live + 4096);
+    recorder.enable(true);
+    auto traced_dev = phantom_device(p);
+    caching_allocator_options traced_opts;
+    traced_opts.recorder = &recorder;
+    caching_allocator traced(*traced_dev, traced_opts);
+    const stream_t bare_stream = bare_dev->default_stream();
+    const stream_t traced_stream = traced_dev->default_stream();
+
     auto run_gpuswap = [&] {
       return replay(
           p, ptrs, [&](std::size_t n) { return cached.allocate(n, stream); },
           [&](void* q) { cached.deallocate(q); });
+    };
+    auto run_bare = [&] {
+      return replay(
+          p, ptrs, [&](std::size_t n) { return bare.allocate(n, bare_stream); },
+          [&](void* q) { bare.deallocate(q); });
+    };
+    std::uint64_t dropped = 0;
+    std::uint64_t events = 0;
+    auto run_traced = [&] {
+      const timing t = replay(
+          p, ptrs, [&](std::size_t n) { return traced.allocate(n, traced_stream); },
+          [&](void* q) { traced.deallocate(q); });
+      dropped += recorder.dropped();
+      events = recorder.collect().size();  // outside the timed loop; also empties the rings
+      recorder.clear();
+      return t;
     };
     auto run_malloc = [&] {
       return replay(
@@ -135,22 +174,53 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
     // Warm-up, then the timed repetitions interleaved so that drift in the machine's state
     // (frequency, other load) falls on all three alike.
     run_gpuswap();
+    run_bare();
+    run_traced();
     run_malloc();
     run_passthrough();
-    std::vector<double> g, m, d, gc, mc, dc;
+    dropped = 0;
+    std::vector<double> g, m, d, gc, mc, dc, b, bc, t, tc;
     for (int r = 0; r < options.repetitions; ++r) {
-      const timing tg = run_gpuswap();
+      // The no-hooks run sits next to both hooked runs, first on even repetitions and last on
+      // odd ones (ABBA), so that neither side always runs on a cache the other left behind.
+      timing tb{};
+      timing tg{};
+      timing tt{};
+      if (r % 2 == 0) {
+        tb = run_bare();
+        tg = run_gpuswap();
+        tt = run_traced();
+      } else {
+        tt = run_traced();
+        tg = run_gpuswap();
+        tb = run_bare();
+      }
       const timing tm = run_malloc();
       const timing td = run_passthrough();
       g.push_back(tg.wall_ns);
       gc.push_back(tg.cpu_ns);
+      b.push_back(tb.wall_ns);
+      bc.push_back(tb.cpu_ns);
+      t.push_back(tt.wall_ns);
+      tc.push_back(tt.cpu_ns);
       m.push_back(tm.wall_ns);
       mc.push_back(tm.cpu_ns);
       d.push_back(td.wall_ns);
       dc.push_back(td.cpu_ns);
     }
-    results.push_back(alloc_bench_result{live, median(g), median(m), median(d), median(gc),
-                                         median(mc), median(dc)});
+    alloc_bench_result row{live, median(g), median(m), median(d), median(gc), median(mc),
+                           median(dc)};
+    row.no_hooks_ns = median(b);
+    row.traced_ns = median(t);
+    row.no_hooks_cpu_ns = median(bc);
+    row.traced_cpu_ns = median(tc);
+    row.trace_off_overhead_pct = overhead_pct(g, b);
+    row.trace_on_overhead_pct = overhead_pct(t, b);
+    row.trace_off_overhead_cpu_pct = overhead_pct(gc, bc);
+    row.trace_on_overhead_cpu_pct = overhead_pct(tc, bc);
+    row.traced_events = events;
+    row.trace_dropped = dropped;
+    results.push_back(row);
   }
   return results;
 }
@@ -165,7 +235,17 @@ nlohmann::json to_json(const alloc_bench_options& options,
                     {"passthrough_ns", r.passthrough_ns},
                     {"gpuswap_cpu_ns", r.gpuswap_cpu_ns},
                     {"malloc_cpu_ns", r.malloc_cpu_ns},
-                    {"passthrough_cpu_ns", r.passthrough_cpu_ns}});
+                    {"passthrough_cpu_ns", r.passthrough_cpu_ns},
+                    {"no_hooks_ns", r.no_hooks_ns},
+                    {"traced_ns", r.traced_ns},
+                    {"no_hooks_cpu_ns", r.no_hooks_cpu_ns},
+                    {"traced_cpu_ns", r.traced_cpu_ns},
+                    {"trace_off_overhead_pct", r.trace_off_overhead_pct},
+                    {"trace_on_overhead_pct", r.trace_on_overhead_pct},
+                    {"trace_off_overhead_cpu_pct", r.trace_off_overhead_cpu_pct},
+                    {"trace_on_overhead_cpu_pct", r.trace_on_overhead_cpu_pct},
+                    {"traced_events", r.traced_events},
+                    {"trace_dropped", r.trace_dropped}});
   }
   return {{"pattern",
            "random allocations (RMM): N allocations, sizes uniform in [min_size, "
@@ -177,6 +257,13 @@ nlohmann::json to_json(const alloc_bench_options& options,
           {"unit", "ns per alloc+free pair (median); *_ns wall-clock, *_cpu_ns thread CPU time"},
           {"gpuswap", "caching_allocator on a phantom sim_device"},
           {"passthrough", "sim_device allocate_device/free_device, no caching"},
+          {"tracing",
+           "gpuswap_* = trace off (hooks present, recorder disabled); no_hooks_* = "
+           "caching_allocator with trace_hooks=false; traced_* = recorder enabled. "
+           "*_overhead_pct: median over repetitions of (run / no-hooks run of the same "
+           "repetition) - 1, in percent"},
+          {"trace_off_overhead_target_pct", trace_off_overhead_target_pct},
+          {"trace_on_overhead_target_pct", trace_on_overhead_target_pct},
           {"results", std::move(rows)}};
 }
 
@@ -188,6 +275,18 @@ std::string format_alloc_bench_table(const std::vector<alloc_bench_result>& resu
     out += fmt::format("{:>8}  {:>10.1f} {:>10.1f} {:>11.1f}  {:>10.1f} {:>10.1f} {:>11.1f}\n",
                        r.live, r.gpuswap_ns, r.malloc_ns, r.passthrough_ns, r.gpuswap_cpu_ns,
                        r.malloc_cpu_ns, r.passthrough_cpu_ns);
+  }
+  out += fmt::format(
+      "\ntracing overhead on the gpuswap hot path vs no hooks, thread CPU ns per pair "
+      "(median); % = median of paired ratios, CPU (wall); targets: off < {:.0f}%, on < {:.0f}%\n",
+      trace_off_overhead_target_pct, trace_on_overhead_target_pct);
+  out += fmt::format("{:>8}  {:>9} {:>9} {:>9}  {:>17} {:>17} {:>8}\n", "live", "no hooks",
+                     "trace off", "trace on", "off %", "on %", "dropped");
+  for (const alloc_bench_result& r : results) {
+    out += fmt::format("{:>8}  {:>9.1f} {:>9.1f} {:>9.1f}  {:>7.2f}% ({:>6.2f}%) {:>7.2f}% ({:>6.2f}%) {:>8}\n",
+                       r.live, r.no_hooks_cpu_ns, r.gpuswap_cpu_ns, r.traced_cpu_ns,
+                       r.trace_off_overhead_cpu_pct, r.trace_off_overhead_pct,
+                       r.trace_on_overhead_cpu_pct, r.trace_on_overhead_pct, r.trace_dropped);
   }
   return out;
 }

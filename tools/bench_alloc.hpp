@@ -8,6 +8,15 @@
 // and reports nanoseconds per alloc+free pair, the median of `repetitions` timed runs after one
 // untimed warm-up (which fills the caches, so gpuswap's figure is its steady state: what a
 // training loop sees from its second iteration on).
+//
+// The same run measures what profiling costs the hot path, with two more gpuswap allocators on
+// their own phantom devices, all three replaying the same sequence:
+//   no hooks     trace_hooks = false: the recorder and NVTX hooks are not there at all
+//   trace off    the default allocator ("gpuswap" above): hooks present, recorder disabled
+//   trace on     hooks present, recorder enabled (a private recorder whose rings hold a whole
+//                replay, cleared between repetitions, so no event is dropped; drops are counted)
+// Overheads are the median over repetitions of each repetition's ratio to the no-hooks run of
+// the same repetition (the two run back to back, in alternating order), minus one, in percent.
 #include <cstddef>
 #include <cstdint>
 #include <nlohmann/json.hpp>
@@ -41,16 +50,35 @@ struct alloc_bench_result {
   double gpuswap_cpu_ns = 0;
   double malloc_cpu_ns = 0;
   double passthrough_cpu_ns = 0;
+
+  // Tracing overhead (see above). gpuswap_ns / gpuswap_cpu_ns are the "trace off" figures.
+  double no_hooks_ns = 0;
+  double traced_ns = 0;
+  double no_hooks_cpu_ns = 0;
+  double traced_cpu_ns = 0;
+  double trace_off_overhead_pct = 0;  // wall-clock
+  double trace_on_overhead_pct = 0;
+  double trace_off_overhead_cpu_pct = 0;  // thread CPU time: the figure to trust on a busy host
+  double trace_on_overhead_cpu_pct = 0;
+  std::uint64_t traced_events = 0;  // recorded per timed repetition (last one)
+  std::uint64_t trace_dropped = 0;  // summed over all repetitions; 0 unless rings overflowed
 };
+
+// The bounds the tracing overhead is held to (issue 5): printed next to the figures.
+inline constexpr double trace_off_overhead_target_pct = 1.0;
+inline constexpr double trace_on_overhead_target_pct = 10.0;
 
 std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& options);
 
 // {"pattern", "min_size", "max_size", "repetitions", "seed", "unit", ...,
-//  "results": [{"live", "gpuswap_ns", "malloc_ns", "passthrough_ns", "gpuswap_cpu_ns", ...}]}
+//  "results": [{"live", "gpuswap_ns", "malloc_ns", "passthrough_ns", "gpuswap_cpu_ns", ...,
+//               "no_hooks_ns", "traced_ns", "trace_off_overhead_pct", "trace_on_overhead_pct",
+//               "trace_off_overhead_cpu_pct", "trace_on_overhead_cpu_pct", "trace_dropped"}]}
 nlohmann::json to_json(const alloc_bench_options& options,
                        const std::vector<alloc_bench_result>& results);
 
-// A plain-text table, one row per live count (wall-clock, then CPU time), with a header line.
+// Two plain-text tables, one row per live count each: ns per pair (wall-clock, then CPU time),
+// then the tracing overhead.
 std::string format_alloc_bench_table(const std::vector<alloc_bench_result>& results);
 
 }  // namespace gpuswap

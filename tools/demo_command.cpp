@@ -14,6 +14,7 @@
 #include "device/device_factory.hpp"
 #include "profiler/chrome_trace.hpp"
 #include "profiler/event_recorder.hpp"
+#include "profiler/live_stats_writer.hpp"
 #include "profiler/trace_summary.hpp"
 #include "tools/commands.hpp"
 #include "core/human_bytes.hpp"
@@ -64,11 +65,14 @@ void run_demo(const demo_options& o) {
     dev = make_device(req);
   }
   const model_spec model = model_spec::load_named(o.model);
+  // `gpuswap top` sees the demo while it runs (stats:false turns that off).
+  live_stats_writer* live = conf.stats ? live_stats_writer::install_global({"", dev->name(), 0}) : nullptr;
 
   runner_options base;
   base.steps = o.steps;
   base.batch = o.batch;
   base.keep_tensors = true;
+  base.live_stats = live;
   std::cerr << fmt::format("demo: training {} on {}, unlimited memory...\n", model.name, dev->name());
   const run_report unlimited = run_workload(*dev, model, base);
 

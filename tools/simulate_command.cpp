@@ -14,7 +14,9 @@
 #include "core/errors.hpp"
 #include "core/size_spec.hpp"
 #include "device/sim_device.hpp"
+#include "prefetcher/memory_timeline.hpp"
 #include "tools/commands.hpp"
+#include "tools/workload_graph.hpp"
 #include "tools/workload_runner.hpp"
 
 namespace gpuswap::cli {
@@ -57,6 +59,65 @@ sim_options device_for(const std::string& gpu) {
   return o;
 }
 
+// Note [Ordered-copies floor]
+// The bound, max(compute, must-leave bytes / link), lets the copies out and back run at
+// the same time. They cannot: the bytes over the budget at step p must all have left before p
+// starts, and come back after it. With F(p) the compute before p, B(p) the compute from p on and
+// M(p) step p's bytes over the budget, no schedule beats
+//   max(F(p), M(p) / d2h) + max(B(p), M(p) / h2d)
+// (plus the time outside the steps: the update, the host's own). The floor is the largest of
+// these over the steps. Step p's bytes are what it holds with nothing offloaded: resident
+// bytes, its error signals, and every tensor alive across it; the conv workspace is left out
+// because the runner does not allocate it, so the floor stays a true lower bound. The least
+// any step must hold with everything else offloaded (resident, error signals, the tensors it
+// reads and writes) is the working set: over the budget, no plan can run (OOM is genuine).
+struct floor_figures {
+  double floor_ns = 0;            // without the time outside the steps
+  std::size_t working_set_bytes = 0;  // the largest step's
+};
+
+floor_figures ordered_copies_floor(const model_spec& model, int batch, const sim_options& so,
+                                   std::size_t budget) {
+  sim_device dev(so);
+  workload_graph g = build_workload_graph(model, batch > 0 ? batch : model.default_batch,
+                                          [&dev](const kernel_cost& c) { return dev.kernel_ns(c); });
+  workload_profile& p = g.profile;
+  const std::size_t dt = static_cast<std::size_t>(model.dtype_bytes);
+  for (const layer_spec& layer : model.layers) {
+    const std::size_t ws = layer.workspace_elems_per_sample * dt;
+    for (int step : {g.forward_step(layer.index), g.backward_step(layer.index)}) {
+      std::size_t& s = p.step_scratch_bytes[static_cast<std::size_t>(step)];
+      s -= std::min(s, ws);
+    }
+  }
+  planner_options po;
+  po.policy = offload_policy::none;
+  po.d2h_bandwidth = so.d2h_bandwidth;
+  po.h2d_bandwidth = so.h2d_bandwidth;
+  memory_timeline timeline(p, po);
+  const timeline_result& r = timeline.simulate({});
+  const std::size_t n = p.steps.size();
+  std::vector<std::size_t> working(n, 0);
+  for (std::size_t s = 0; s < n; ++s) working[s] = p.resident_bytes + p.step_scratch_bytes[s];
+  for (const tensor_info& t : p.tensors) {
+    working[static_cast<std::size_t>(t.producer_step)] += t.bytes;
+    for (int u : t.use_steps) {
+      if (u != t.producer_step) working[static_cast<std::size_t>(u)] += t.bytes;
+    }
+  }
+  floor_figures f;
+  const double total = p.total_compute_ns();
+  double before = 0;
+  for (std::size_t s = 0; s < n; ++s) {
+    f.working_set_bytes = std::max(f.working_set_bytes, working[s]);
+    const double m = r.step_bytes[s] > budget ? static_cast<double>(r.step_bytes[s] - budget) : 0.0;
+    const double out = m * 1e9 / so.d2h_bandwidth, in = m * 1e9 / so.h2d_bandwidth;
+    f.floor_ns = std::max(f.floor_ns, std::max(before, out) + std::max(total - before, in));
+    before += p.steps[s].compute_ns;
+  }
+  return f;
+}
+
 void run_simulate(const simulate_options& o) {
   const model_spec model = model_spec::load_named(o.model);
   nlohmann::json rows = nlohmann::json::array();
@@ -83,6 +144,9 @@ void run_simulate(const simulate_options& o) {
           unlimited.peak_reserved_bytes > budget ? unlimited.peak_reserved_bytes - budget : 0;
       const double link = std::min(so.d2h_bandwidth, so.h2d_bandwidth);
       const double bound = std::max(compute, static_cast<double>(must_leave) * 1e9 / link);
+      const floor_figures ff = ordered_copies_floor(model, o.batch, so, budget);
+      // The floor's compute is modelled; the time outside the steps is the unlimited run's.
+      const double floor = ff.floor_ns + std::max(0.0, t_unlimited - compute);
       nlohmann::json row = {{"model", model.name},
                             {"batch", unlimited.batch},
                             {"gpu", gpu},
@@ -92,7 +156,11 @@ void run_simulate(const simulate_options& o) {
                             {"unlimited_step_ns", t_unlimited},
                             {"compute_ns", compute},
                             {"lower_bound_ns", bound},
-                            {"lower_bound_ratio", bound / t_unlimited}};
+                            {"lower_bound_ratio", bound / t_unlimited},
+                            {"floor_ns", floor},
+                            {"floor_ratio", floor / t_unlimited},
+                            {"min_working_set_bytes", ff.working_set_bytes},
+                            {"infeasible", ff.working_set_bytes > budget}};
       for (const variant& v : variants) {
         runner_options ro = base;
         ro.device_limit = budget;
@@ -108,6 +176,11 @@ void run_simulate(const simulate_options& o) {
                   {"peak_reserved_bytes", r.peak_reserved_bytes},
                   {"bytes_out", r.swaps.bytes_out / static_cast<std::uint64_t>(std::max(r.steps, 1))},
                   {"stall_ns", r.swaps.stall_ns},
+                  {"evictions", r.swaps.evictions},
+                  {"demand_fetches", r.swaps.demand_fetches},
+                  {"prefetches", r.swaps.prefetches},
+                  {"plan", r.plan.explain},
+                  {"predicted_exposed_ns", r.plan.predicted_exposed_ns},
                   {"fits", r.peak_reserved_bytes <= budget}};
         } catch (const std::bad_alloc& e) {
           cell = {{"error", "out of memory"}, {"detail", e.what()}};
@@ -121,23 +194,30 @@ void run_simulate(const simulate_options& o) {
     std::cout << nlohmann::json{{"rows", rows}}.dump(2) << '\n';
     return;
   }
-  std::string header = fmt::format("{:<10} {:>5} {:<14} {:>10} {:>6} {:>10} {:>7}", "model", "batch",
-                                   "gpu", "no-offload", "budget", "unlimited", "bound");
+  std::string header = fmt::format("{:<10} {:>5} {:<14} {:>10} {:>6} {:>10} {:>7} {:>7}", "model",
+                                   "batch", "gpu", "no-offload", "budget", "unlimited", "bound", "floor");
   for (const variant& v : variants) header += fmt::format(" {:>7}", v.name);
   std::cout << header << '\n';
   for (const auto& row : rows) {
     std::string line = fmt::format(
-        "{:<10} {:>5} {:<14} {:>10} {:>6} {:>8.1f}ms {:>6.2f}x", row["model"].get<std::string>(),
+        "{:<10} {:>5} {:<14} {:>10} {:>6} {:>8.1f}ms {:>6.2f}x {:>6.2f}x", row["model"].get<std::string>(),
         row["batch"].get<int>(), row["gpu"].get<std::string>(),
         human_bytes(row["no_offload_peak_bytes"].get<std::size_t>()), row["budget"].get<std::string>(),
-        row["unlimited_step_ns"].get<double>() / 1e6, row["lower_bound_ratio"].get<double>());
+        row["unlimited_step_ns"].get<double>() / 1e6, row["lower_bound_ratio"].get<double>(),
+        row["floor_ratio"].get<double>());
     for (const variant& v : variants) {
       const auto& cell = row[v.name];
-      line += cell.contains("ratio") ? fmt::format(" {:>6.2f}x", cell["ratio"].get<double>()) : fmt::format(" {:>7}", "OOM");
+      line += cell.contains("ratio") ? fmt::format(" {:>6.2f}x", cell["ratio"].get<double>())
+              : row["infeasible"].get<bool>() ? fmt::format(" {:>7}", "OOM*")
+                                              : fmt::format(" {:>7}", "OOM");
     }
     std::cout << line << '\n';
   }
-  std::cout << "step time / unlimited step time; bound = max(compute, bytes that must leave / link bandwidth)\n";
+  std::cout << "step time / unlimited step time; bound = max(compute, bytes that must leave / link bandwidth)\n"
+               "floor = bytes over the budget leave before the peak step and return after it "
+               "(Note [Ordered-copies floor])\n"
+               "OOM*: one step's working set alone exceeds the budget (infeasible for any plan); "
+               "OOM: the run failed though a plan could fit\n";
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 #include "prefetcher/prefetcher.hpp"
 #include "profiler/device_timeline.hpp"
 #include "profiler/event_recorder.hpp"
+#include "profiler/live_stats_writer.hpp"
 #include "tools/reference_math.hpp"
 #include "tools/workload_graph.hpp"
 
@@ -101,7 +102,7 @@ class runner final : public eviction_advisor {
         real_(o.real_math && host_addressable(dev) && model.loss_layer() >= 0 &&
               std::all_of(model.layers.begin(), model.layers.end(),
                           [](const layer_spec& l) { return l.has_reference_math(); })),
-        alloc_(dev, caching_allocator_options{o.device_limit, SIZE_MAX}),
+        alloc_(dev, caching_allocator_options{.device_limit = o.device_limit}),
         pool_(dev, pinned_host_pool_options{o.host_limit}),
         timeline_(dev),
         engine_(dev, alloc_, pool_, swap_engine_options{}, &timeline_),
@@ -191,6 +192,12 @@ class runner final : public eviction_advisor {
     r.swaps = engine_.stats();
     r.pinned_allocations = pool_.stats().num_pinned_allocs;
     r.pinned_allocations_after_first_step = r.pinned_allocations - pinned_after_first;
+    // Layers without parameters keep no entry. Only now, after the device has run the update
+    // kernels that fill the entries: compacting earlier would see every entry still empty and
+    // leave the kernels writing into erased vectors.
+    last_gradients_.erase(std::remove_if(last_gradients_.begin(), last_gradients_.end(),
+                                         [](const std::vector<float>& v) { return v.empty(); }),
+                          last_gradients_.end());
     r.last_gradients = std::move(last_gradients_);
     if (opts_.keep_tensors && real_) {
       for (std::size_t l = 0; l < params_.size(); ++l) {
@@ -297,8 +304,32 @@ class runner final : public eviction_advisor {
   }
 
   // After a step: offload what the plan says leaves now, free what nobody needs any more.
+  // Note [Live figures]: published after every step, from the figures the step just sampled;
+  // the bandwidths are over the last completed iteration (the copies' own measured time).
+  void publish_live_stats() {
+    if (opts_.live_stats == nullptr || samples_.empty()) return;
+    const memory_sample& m = samples_.back();
+    const swap_stats s = engine_.stats();
+    live_figures f;
+    f.budget_bytes = alloc_.budget();
+    f.allocated_bytes = m.allocated;
+    f.reserved_bytes = m.reserved;
+    f.swapped_out_bytes = s.bytes_on_host;
+    f.in_flight_bytes = s.bytes_in_flight;
+    f.bytes_out_total = s.bytes_out;
+    f.bytes_in_total = s.bytes_in;
+    f.stall_ns_total = static_cast<std::uint64_t>(s.stall_ns);
+    f.stall_count = s.stalls;
+    f.bandwidth_out_bytes_per_s = s.copy_out_ns > 0 ? static_cast<double>(s.bytes_out) / (s.copy_out_ns / 1e9) : 0;
+    f.bandwidth_in_bytes_per_s = s.copy_in_ns > 0 ? static_cast<double>(s.bytes_in) / (s.copy_in_ns / 1e9) : 0;
+    f.pinned_host_used_bytes = m.pinned;
+    f.pinned_host_limit_bytes = opts_.host_limit;
+    opts_.live_stats->update(f);
+  }
+
   void after_step(int step) {
     sample_memory();
+    publish_live_stats();
     if (log().should_log(spdlog::level::debug)) {
       const memory_sample& m = samples_.back();
       log().debug("runner: step {} ({} {}) allocated {} reserved {} on host {}", step,
@@ -488,12 +519,8 @@ class runner final : public eviction_advisor {
                         : std::function<void()>(),
                   t);
     }
-    if (last && opts_.keep_tensors && real_) {
-      // Layers without parameters keep no entry.
-      last_gradients_.erase(std::remove_if(last_gradients_.begin(), last_gradients_.end(),
-                                           [](const std::vector<float>& v) { return v.empty(); }),
-                            last_gradients_.end());
-    }
+    // The kernels fill last_gradients_ when they run; iteration() synchronizes before run()
+    // reads (and compacts) it.
   }
 
   device& dev_;

@@ -22,6 +22,8 @@
 
 namespace gpuswap {
 
+class live_stats_writer;
+
 struct runner_options {
   int batch = 0;  // 0: the model's default batch
   int steps = 3;
@@ -36,6 +38,8 @@ struct runner_options {
   // Compute for real when the device's memory is host-addressable (the simulator's real
   // backing) and the model has reference math; false: model the costs only.
   bool real_math = true;
+  // Where to publish live figures for `gpuswap top` after every step; nullptr: nowhere.
+  live_stats_writer* live_stats = nullptr;
 };
 
 struct run_report {

@@ -251,3 +251,26 @@ TEST(TraceSummary, JsonAndTextCarryTheFigures) {
 
 }  // namespace
 }  // namespace gpuswap
+
+namespace gpuswap {
+namespace {
+
+// Note [Hidden copy time]: a copy is hidden only under the part of a layer phase that computes,
+// not under the stall in which that phase waits for it.
+TEST(TraceSummaryStalls, StallsAreCutOutOfTheComputeACopyHidesUnder) {
+  const std::vector<trace_event> events = {
+      trace_event::layer_phase(event_kind::layer_begin, 0, 1, event_detail::backward),
+      trace_event::swap(event_kind::swap_in_begin, 10, 7, 4096, 1, 0, event_detail::demand),
+      trace_event::stall_for(20, 40, 7, 1),
+      trace_event::swap(event_kind::swap_in_end, 70, 7, 4096, 1, 0, event_detail::demand),
+      trace_event::layer_phase(event_kind::layer_end, 100, 1, event_detail::backward),
+  };
+  const trace_summary s = summarize(events);
+  EXPECT_EQ(s.copy_busy_ns, 60);
+  EXPECT_EQ(s.compute_ns, 60);      // [0,20) and [60,100)
+  EXPECT_EQ(s.copy_hidden_ns, 20);  // [10,20) and [60,70)
+  EXPECT_EQ(s.stall_ns, 40);
+}
+
+}  // namespace
+}  // namespace gpuswap
