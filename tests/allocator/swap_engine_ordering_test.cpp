@@ -11,13 +11,7 @@
 #include "allocator/swap_engine.hpp"
 #include "device/sim_device.hpp"
 
-#if defined(__SANITIZE_THREAD__)
-#define GPUSWAP_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define GPUSWAP_TSAN 1
-#endif
-#endif
+#include "support/sanitizers.hpp"
 
 namespace gpuswap {
 namespace {

@@ -14,6 +14,7 @@
 #include "core/errors.hpp"
 #include "device/device_factory.hpp"
 #include "device/sim_device.hpp"
+#include "support/cuda_test_backend.hpp"
 
 namespace gpuswap {
 namespace {
@@ -37,15 +38,7 @@ struct sim_phantom_backend {
   }
 };
 
-struct cuda_backend {
-  static constexpr bool has_bytes = true;
-  static std::unique_ptr<device> make(std::string* why) {
-    if (!cuda_available(why)) return nullptr;
-    device_request r;
-    r.backend = backend_choice::cuda;
-    return make_device(r);
-  }
-};
+using cuda_backend = testing_support::cuda_test_backend;
 
 template <typename Backend>
 class device_conformance : public ::testing::Test {

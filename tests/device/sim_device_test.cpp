@@ -10,13 +10,7 @@
 #include "core/errors.hpp"
 #include "device/sim_device.hpp"
 
-#if defined(__SANITIZE_THREAD__)
-#define GPUSWAP_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define GPUSWAP_TSAN 1
-#endif
-#endif
+#include "support/sanitizers.hpp"
 
 namespace gpuswap {
 namespace {
