@@ -96,7 +96,12 @@ void run_demo(const demo_options& o) {
   recorder.enable(false);
   const std::vector<trace_event> events = recorder.collect();
   const trace_summary summary = summarize(events);
-  if (!o.trace.empty()) write_chrome_trace(o.trace, events, chrome_trace_options{dev->name()});
+  // --trace wins over GPUSWAP_CONF's trace:FILE.
+  const std::string trace_path = !o.trace.empty() ? o.trace : conf.trace;
+  if (!trace_path.empty()) {
+    write_chrome_trace(trace_path, events, chrome_trace_options{dev->name()});
+    std::cerr << "demo: wrote the trace of the limited run to " << trace_path << '\n';
+  }
 
   const bool identical = same_losses(unlimited.losses, r.losses) &&
                          bit_identical(unlimited.last_gradients, r.last_gradients) &&

@@ -181,8 +181,9 @@ class runner final : public eviction_advisor {
       for (const step_info& s : schedule_.steps()) compute += s.compute_ns;
       r.compute_ns.push_back(compute);
       if (it == 0) pinned_after_first = pool_.stats().num_pinned_allocs;
-      global_recorder().record(trace_event::marker(event_kind::iteration, t1, trace_track::host,
-                                                   0, 0, -1));
+      trace_event boundary = trace_event::marker(event_kind::iteration, t1, trace_track::host);
+      boundary.value = it;  // the iteration's index
+      global_recorder().record(boundary);
     }
     engine_.synchronize();
     if (real_) r.losses = losses_;
