@@ -262,7 +262,11 @@ std::vector<sim_op> fixed_program(unsigned jitter_us, std::uint64_t seed) {
     host.push_back(d.allocate_pinned(2 * mib));
   }
   std::vector<event_t> events;
-  for (int i = 0; i < 6; ++i) events.push_back(d.create_event());
+  std::vector<event_t> offloaded;
+  for (int i = 0; i < 6; ++i) {
+    events.push_back(d.create_event());
+    offloaded.push_back(d.create_event());
+  }
   // forward: compute layer i, then offload its output while layer i+1 runs
   for (int i = 0; i < 6; ++i) {
     touched_buffer t{dev[i], 2 * mib};
@@ -270,9 +274,12 @@ std::vector<sim_op> fixed_program(unsigned jitter_us, std::uint64_t seed) {
     d.record_event(events[i], compute);
     d.wait_event(d2h, events[i]);
     d.copy_async(host[i], dev[i], 2 * mib, copy_kind::device_to_host, d2h);
+    d.record_event(offloaded[i], d2h);
   }
-  // backward: bring them back in reverse, each consumed by a kernel after its copy
+  // backward: bring them back in reverse (each after its own D2H), each consumed by a kernel
+  // after its copy
   for (int i = 5; i >= 0; --i) {
+    d.wait_event(h2d, offloaded[i]);
     d.copy_async(dev[i], host[i], 2 * mib, copy_kind::host_to_device, h2d);
     d.record_event(events[i], h2d);
     d.wait_event(compute, events[i]);
