@@ -87,6 +87,8 @@ struct swap_engine_options {
   struct unsafe_testing_hooks {
     bool skip_consumer_wait = false;        // acquire does not wait for the H2D
     bool skip_copy_guard_on_free = false;   // swap_out frees the device block unguarded
+    bool skip_home_stream_wait = false;     // a swap-in writes its block without waiting
+                                            // for the home stream's earlier users
   } unsafe_testing;
 };
 

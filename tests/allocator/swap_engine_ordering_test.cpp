@@ -118,5 +118,52 @@ TEST(swap_engine_ordering, prefetched_buffer_is_not_consumed_before_its_copy_eve
 #endif
 }
 
+// A block freed on the home stream is reused at once there, while kernels enqueued before the
+// free may still read it. A swap-in that takes that block must wait for them (Note [Home
+// stream]) or its H2D overwrites what they read.
+std::size_t swap_in_over_a_block_still_read(bool guarded) {
+  swap_engine_options eo;
+  eo.unsafe_testing.skip_home_stream_wait = !guarded;
+  sim_device dev(options());
+  caching_allocator alloc(dev, caching_allocator_options{});
+  pinned_host_pool pool(dev, pinned_host_pool_options{});
+  swap_engine engine(dev, alloc, pool, eo);
+  stream_t compute = dev.create_stream(stream_priority::normal);
+  const std::size_t n = 8 * mib;
+  // B goes to the host and will come back into whatever block is free on compute.
+  const buffer_id b = engine.create(n, compute);
+  std::memset(engine.acquire(b, compute), 0x77, n);
+  engine.release(b, compute);
+  dev.synchronize();
+  if (!engine.swap_out(b, compute)) return n;
+  engine.synchronize();
+  // A is read by a slow kernel, then destroyed: its block is free on compute at once.
+  const buffer_id a = engine.create(n, compute);
+  auto* pa = static_cast<unsigned char*>(engine.acquire(a, compute));
+  std::memset(pa, 0x11, n);
+  auto bad = std::make_shared<std::size_t>(0);
+  touched_buffer t{pa, n};
+  dev.launch(compute, kernel_cost{},
+             [pa, n, bad] {
+               std::this_thread::sleep_for(std::chrono::milliseconds(60));
+               *bad = count_not(pa, n, 0x11);
+             },
+             {&t, 1});
+  engine.release(a, compute);
+  engine.destroy(a);
+  if (!engine.prefetch(b)) return n;  // takes A's block
+  dev.synchronize();
+  engine.destroy(b);
+  return *bad;
+}
+
+TEST(swap_engine_ordering, swap_in_waits_for_earlier_readers_of_its_block) {
+  EXPECT_EQ(swap_in_over_a_block_still_read(true), 0u);
+#ifndef GPUSWAP_TSAN
+  EXPECT_GT(swap_in_over_a_block_still_read(false), 0u)
+      << "without the wait the H2D should have overwritten the block under the kernel";
+#endif
+}
+
 }  // namespace
 }  // namespace gpuswap
