@@ -3,27 +3,34 @@
 namespace gpuswap {
 
 // The blocks belong to caching_allocator; the pool only unlinks them so that their hooks are
-// not left pointing into a destroyed tree.
-block_pool::~block_pool() { set_.clear(); }
+// not left pointing into a destroyed index.
+block_pool::~block_pool() { tree_.clear(); }
 
-void block_pool::insert(block& b) noexcept { set_.insert(b); }
-
-void block_pool::erase(block& b) noexcept { set_.erase(set_.iterator_to(b)); }
-
-bool block_pool::contains(const block& b) const noexcept {
-  if (!b.free_hook.is_linked()) return false;
-  auto it = set_.find(b);
-  return it != set_.end() && &*it == &b;
+void block_pool::add_stream(stream_t stream) {
+  if (kind_ != pool_kind::small || bins_of(stream) != nullptr) return;
+  bins_.reserve(bins_.size() + 1);
+  bins_.push_back(std::make_unique<size_class_bins>(stream));
 }
 
-block* block_pool::best_fit(stream_t stream, std::size_t size, std::size_t max_split_size,
-                            std::size_t oversize_slack) noexcept {
-  auto it = set_.lower_bound(key{stream, size}, key_order{});
-  if (it == set_.end() || it->stream != stream) return nullptr;
-  // The first candidate is the smallest that fits; if it breaks the max_split_size rule every
-  // larger one does too.
-  if (size < max_split_size && it->size >= max_split_size) return nullptr;
-  if (size >= max_split_size && it->size - size >= oversize_slack) return nullptr;
+bool block_pool::contains(const block& b) const noexcept {
+  if (kind_ == pool_kind::small) {
+    const size_class_bins* bins = bins_of(b.stream);
+    return bins != nullptr && bins->contains(b);
+  }
+  if (!b.tree_hook.is_linked()) return false;
+  auto it = tree_.find(b);
+  return it != tree_.end() && &*it == &b;
+}
+
+std::size_t block_pool::size() const noexcept {
+  std::size_t n = tree_.size();
+  for (const auto& bins : bins_) n += bins->size();
+  return n;
+}
+
+block* block_pool::tree_best_fit(stream_t stream, std::size_t size) noexcept {
+  auto it = tree_.lower_bound(key{stream, size}, key_order{});
+  if (it == tree_.end() || it->stream != stream) return nullptr;
   return &*it;
 }
 

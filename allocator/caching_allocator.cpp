@@ -15,10 +15,14 @@
 
 namespace gpuswap {
 
+static_assert(size_class_bins::granularity == caching_allocator::min_block_size &&
+                  size_class_bins::max_size == caching_allocator::small_buffer,
+              "the small pool's size classes must cover exactly its block sizes");
+
 // Note [Locking]
 // One std::mutex (mutex_) guards the pools, the blocks, the segment map, the pending queues
 // and the statistics. The hot path (a cache hit, a free without record_stream) takes it once
-// and does a hash-map operation and one or two tree operations under it.
+// and does a hash-map operation and one or two free-index operations under it.
 // It is never held across a call that may wait for the device: allocate_device, free_device
 // (cudaFree synchronises), synchronize_event and synchronize. Those paths count the bytes
 // involved in in_flight_bytes_ so that the budget holds while the lock is dropped, drop the
@@ -325,6 +329,7 @@ block* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const 
     segment* seg = nullptr;
     const auto base = reinterpret_cast<std::uintptr_t>(ptr);
     try {
+      pool_of(req.pool).add_stream(req.stream);
       b = new_block_object();
       auto [it, inserted] = segments_.try_emplace(base);
       seg = &it->second;
@@ -491,7 +496,7 @@ void caching_allocator::free_block_locked(block* b) noexcept {
   b->requested = 0;
   b->stream_uses.clear();
   b->state = block_state::free;
-  if (block* prev = b->prev; prev != nullptr && prev->in_pool()) {
+  if (block* prev = b->prev; prev != nullptr && prev->is_free()) {
     pool_erase_locked(*prev);
     prev->size += b->size;
     prev->next = b->next;
@@ -499,7 +504,7 @@ void caching_allocator::free_block_locked(block* b) noexcept {
     recycle_block_object(b);
     b = prev;
   }
-  if (block* next = b->next; next != nullptr && next->in_pool()) {
+  if (block* next = b->next; next != nullptr && next->is_free()) {
     pool_erase_locked(*next);
     b->size += next->size;
     b->next = next->next;
@@ -717,6 +722,18 @@ void caching_allocator::empty_cache() {
 
 // --- profiling hooks (Note [Profiling hooks]) ------------------------------------------------
 
+void caching_allocator::set_trace_hooks(bool on) {
+  const std::size_t tracked = nvtx_pool_.segment_count();  // its own lock, before mutex_
+  std::lock_guard lock(mutex_);
+  if (!allocated_.empty() || tracked != 0) {
+    throw_error(fmt::format(
+        "caching_allocator::set_trace_hooks: needs no allocated block ({} are) and no NVTX "
+        "tool tracking the pool ({} segments registered)",
+        allocated_.size(), tracked));
+  }
+  hooks_ = on;
+}
+
 double caching_allocator::trace_time_ns() const noexcept {
   try {
     return dev_.host_time_ns();
@@ -752,14 +769,16 @@ void caching_allocator::trace_segment(event_kind kind, std::uintptr_t base, std:
 // --- bookkeeping helpers ---------------------------------------------------------------------
 
 // Note [Hot path]
-// A cache hit is: lock, best_fit (one lower_bound in the pool's tree), maybe a split (a spare
-// block object and one tree insert), one block_index insert, stat updates; a free without
-// record_stream is: lock, one block_index erase, merges with free neighbours (tree erases),
-// one tree insert. Nothing allocates in the steady state (block objects, index slots and events
-// are recycled), nothing logs, no std::function is built. The remaining cost is memory: with
-// 100,000 live blocks the tree and index no longer fit in cache, so a flat index (one probe,
-// usually one cache line) and the block's hot fields in its first cache line matter more than
-// instruction counts.
+// A cache hit is: lock, best_fit (constant time in the small pool, Note [Segregated fit]; one
+// lower_bound in the large pool's tree), maybe a split (a spare block object and one insert),
+// one block_index insert, stat updates; a free without record_stream is: lock, one block_index
+// erase, merges with free neighbours, one insert. Nothing allocates in the steady state (block
+// objects, index slots and events are recycled), nothing logs, no std::function is built. So
+// the work per call does not grow with the number of blocks; what does grow is its memory
+// cost: with 100,000 live blocks the block objects (~25 MB) and the index no longer fit in
+// the core's caches, and a free in random order must touch the index slot, the block and both
+// neighbours wherever they are. Hence a flat index (one probe, usually one cache line) and
+// the block's hot fields in its first cache line (Note [Block layout], block.hpp).
 
 caching_allocator::block_index::block_index() {
   slots_.resize(1024);
@@ -978,7 +997,7 @@ std::string caching_allocator::validate() const {
       bad(b->stream != seg.stream, "stream differs from its segment's");
       bad(b->size == 0 || b->size % min_block_size != 0, "bad size");
       expected_address = b->address + b->size;
-      const bool linked = b->free_hook.is_linked();
+      const bool linked = b->in_pool();
       switch (b->state) {
         case block_state::free:
           ++free_blocks[seg.pool == pool_kind::small ? 0 : 1];

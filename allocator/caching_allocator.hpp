@@ -113,6 +113,13 @@ class caching_allocator {
   // Figures for the OOM message from the swap engine and pinned host pool.
   void set_external_memory_reporter(std::function<external_memory_report()> reporter);
 
+  // Adds or removes the profiling hooks (caching_allocator_options::trace_hooks) at run time.
+  // For `gpuswap bench alloc`, which times hooks off, on and absent on one allocator so that no
+  // difference in memory layout between two instances hides in a 1% figure. Preconditions: no
+  // other thread uses the allocator meanwhile, no block is allocated and no NVTX tool tracks
+  // its pool; throws gpuswap::error otherwise.
+  void set_trace_hooks(bool on);
+
   std::size_t budget() const noexcept { return budget_; }
   device& dev() noexcept { return dev_; }
   // The size of the block at `ptr` if it is allocated here (its rounded size), else 0.
@@ -209,7 +216,9 @@ class caching_allocator {
   const caching_allocator_options opts_;
   std::size_t budget_ = 0;
   event_recorder& recorder_;
-  const bool hooks_;  // opts_.trace_hooks, kept next to recorder_ for the hot path
+  // opts_.trace_hooks, kept next to recorder_ for the hot path; changed only by
+  // set_trace_hooks, whose preconditions exclude concurrent readers.
+  bool hooks_;
   // Segments and blocks as NVTX heaps and regions; its own lock, never taken with mutex_ held.
   nvtx_memory_pool nvtx_pool_;
 

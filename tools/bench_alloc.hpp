@@ -9,14 +9,15 @@
 // untimed warm-up (which fills the caches, so gpuswap's figure is its steady state: what a
 // training loop sees from its second iteration on).
 //
-// The same run measures what profiling costs the hot path, with two more gpuswap allocators on
-// their own phantom devices, all three replaying the same sequence:
-//   no hooks     trace_hooks = false: the recorder and NVTX hooks are not there at all
-//   trace off    the default allocator ("gpuswap" above): hooks present, recorder disabled
+// The same run measures what profiling costs the hot path: the gpuswap allocator replays the
+// same sequence in three modes, switched between replays (Note [Tracing overhead],
+// bench_alloc.cpp):
+//   no hooks     set_trace_hooks(false): the recorder and NVTX hooks do nothing at all
+//   trace off    the default ("gpuswap" above): hooks present, recorder disabled
 //   trace on     hooks present, recorder enabled (a private recorder whose rings hold a whole
 //                replay, cleared between repetitions, so no event is dropped; drops are counted)
 // Overheads are the median over repetitions of each repetition's ratio to the no-hooks run of
-// the same repetition (the two run back to back, in alternating order), minus one, in percent.
+// the same repetition (the three run back to back, in rotating order), minus one, in percent.
 #include <cstddef>
 #include <cstdint>
 #include <nlohmann/json.hpp>
@@ -33,7 +34,7 @@ struct alloc_bench_options {
   // device's address space, and malloc stays in its heap (off mmap) after the warm-up.
   std::size_t min_size = 1;
   std::size_t max_size = std::size_t{1} << 20;
-  int repetitions = 5;
+  int repetitions = 12;
   std::uint64_t seed = 42;
 
   // Throws config_error naming the field.

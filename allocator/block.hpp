@@ -1,0 +1,87 @@
+#pragma once
+// block and segment: the caching allocator's bookkeeping for the memory it holds.
+//
+// Glossary
+//   segment   one allocation obtained from device::allocate_device; never split across pools
+//             or streams: every block of a segment carries the segment's stream.
+//   block     a piece of a segment, [address, address + size). The blocks of a segment tile it
+//             exactly, linked in address order by prev/next.
+//   state     allocated (handed to a caller), pending (freed, but another stream may still use
+//             it: waits for events), free (in a block_pool, reusable on its stream).
+#include <boost/intrusive/list_hook.hpp>
+#include <boost/intrusive/set_hook.hpp>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "device/device.hpp"
+
+namespace gpuswap {
+
+enum class pool_kind : std::uint8_t { small, large };
+enum class block_state : std::uint8_t { allocated, pending, free };
+
+struct segment;
+
+// Note [Block layout]
+// The fields are grouped by cache line by how hot they are (Note [Hot path],
+// caching_allocator.cpp). The first line is all that a small-pool free list operation or a
+// merge needs of a neighbour: the free-list links, where the block is and how big, and its
+// state. The second holds what only the block being allocated or freed needs, and the
+// large pool's tree hook. The third is touched only on the rare paths.
+struct alignas(64) block {
+  // Another stream that used the block (record_stream). At deallocate an event is recorded on
+  // `stream` and the entry joins that stream's pending queue (an intrusive FIFO through `next`)
+  // until the event completes.
+  struct stream_use {
+    stream_t stream{};
+    event_t event{};
+    bool recorded = false;
+    stream_use* next = nullptr;
+    block* owner = nullptr;
+  };
+
+  // --- first cache line
+  boost::intrusive::list_member_hook<> bin_hook;  // free small-pool blocks (size_class_bins)
+  stream_t stream{};
+  std::size_t size = 0;
+  std::uintptr_t address = 0;
+  block* prev = nullptr;  // neighbours in the segment, by address
+  block* next = nullptr;
+  block_state state = block_state::free;
+  pool_kind pool = pool_kind::small;  // the segment's, kept here to spare a load on free
+
+  // --- second cache line
+  // Free large-pool blocks (block_pool's tree); the colour is packed into the parent pointer.
+  alignas(64) boost::intrusive::set_member_hook<boost::intrusive::optimize_size<true>> tree_hook;
+  // Bytes the caller asked for (before rounding) while allocated or pending; 0 when free.
+  std::size_t requested = 0;
+  // Events recorded at deallocate that have not completed yet.
+  std::uint32_t pending_events = 0;
+  // Filled by record_stream while allocated; its entries stay put (no reallocation) while
+  // the block is pending, because nothing appends to a block that is not allocated.
+  std::vector<stream_use> stream_uses;
+
+  // --- third cache line
+  alignas(64) segment* seg = nullptr;
+  // Non-zero when record_event failed for one of stream_uses: only a device-wide synchronize
+  // begun after that proves the block idle (Note [Failed event records], caching_allocator.cpp).
+  std::uint64_t needs_sync_epoch = 0;
+
+  bool is_split() const noexcept { return prev != nullptr || next != nullptr; }
+  bool is_free() const noexcept { return state == block_state::free; }
+  // Linked into a pool's free index; equivalent to is_free() (caching_allocator::validate
+  // checks it).
+  bool in_pool() const noexcept { return bin_hook.is_linked() || tree_hook.is_linked(); }
+  void* ptr() const noexcept { return reinterpret_cast<void*>(address); }
+};
+
+struct segment {
+  std::uintptr_t base = 0;
+  std::size_t size = 0;
+  pool_kind pool = pool_kind::small;
+  stream_t stream{};
+  block* first = nullptr;  // the lowest-addressed block
+};
+
+}  // namespace gpuswap
