@@ -15,6 +15,7 @@
 #include "profiler/chrome_trace.hpp"
 #include "profiler/event_recorder.hpp"
 #include "profiler/live_stats_writer.hpp"
+#include "profiler/trace_output.hpp"
 #include "profiler/trace_summary.hpp"
 #include "tools/commands.hpp"
 #include "core/human_bytes.hpp"
@@ -89,18 +90,18 @@ void run_demo(const demo_options& o) {
   limited.prefetch = parse_config("prefetch:" + o.prefetch).prefetch;
   std::cerr << fmt::format("demo: again under a device_limit of {} with policy {}...\n",
                            human_bytes(limited.device_limit), o.policy);
+  // The limited run is recorded for the summary, and traced when asked: --trace wins over
+  // GPUSWAP_CONF's trace:FILE. Only that run: the unlimited one has no swaps to show.
+  trace_output trace(!o.trace.empty() ? o.trace : conf.trace, chrome_trace_options{dev->name()});
   auto& recorder = global_recorder();
-  recorder.clear();
+  trace.clear();
   recorder.enable(true);
   const run_report r = run_workload(*dev, model, limited);
   recorder.enable(false);
-  const std::vector<trace_event> events = recorder.collect();
-  const trace_summary summary = summarize(events);
-  // --trace wins over GPUSWAP_CONF's trace:FILE.
-  const std::string trace_path = !o.trace.empty() ? o.trace : conf.trace;
-  if (!trace_path.empty()) {
-    write_chrome_trace(trace_path, events, chrome_trace_options{dev->name()});
-    std::cerr << "demo: wrote the trace of the limited run to " << trace_path << '\n';
+  const trace_summary summary = summarize(trace.events());
+  if (trace.active()) {
+    trace.write_to(trace.path());  // now, so that a path that cannot be written fails the demo
+    std::cerr << "demo: wrote the trace of the limited run to " << trace.path() << '\n';
   }
 
   const bool identical = same_losses(unlimited.losses, r.losses) &&
@@ -178,7 +179,7 @@ void add_demo_command(CLI::App& app) {
       ->check(CLI::IsMember({"lookahead", "one_layer", "none"}));
   cmd->add_option("--gpu", opts->gpu, "Simulated GPU preset used when no CUDA device is present")
       ->check(CLI::IsMember(sim_preset_names()));
-  cmd->add_option("--trace", opts->trace, "Write a Chrome/Perfetto trace of the limited run");
+  cmd->add_option("--trace", opts->trace, "Write a Chrome/Perfetto trace of the limited run (default: GPUSWAP_CONF's trace:FILE)");
   cmd->add_flag("--json", opts->json, "Print one JSON object");
   cmd->callback([opts] { run_demo(*opts); });
 }

@@ -28,6 +28,9 @@ int main(int argc, char** argv) {
   } catch (const gpuswap::config_error& e) {
     std::cerr << e.what() << '\n';
     return 2;
+  } catch (const gpuswap::error& e) {
+    std::cerr << e.what() << '\n';  // gpuswap's messages name themselves ("gpuswap ...")
+    return 1;
   } catch (const std::bad_alloc& e) {
     std::cerr << "gpuswap: " << e.what() << '\n';
     return 1;

@@ -14,6 +14,8 @@
 #include "core/errors.hpp"
 #include "core/size_spec.hpp"
 #include "device/sim_device.hpp"
+#include "profiler/event_recorder.hpp"
+#include "profiler/trace_output.hpp"
 #include "prefetcher/memory_timeline.hpp"
 #include "tools/commands.hpp"
 #include "tools/workload_graph.hpp"
@@ -118,11 +120,21 @@ floor_figures ordered_copies_floor(const model_spec& model, int batch, const sim
   return f;
 }
 
+// Note [Simulate's trace]
+// GPUSWAP_CONF's trace:FILE traces one run: the last budgeted one (the last --gpu, --budget and
+// --policy). Each run has a simulated device of its own whose clock starts at zero, so the runs
+// cannot share one timeline, and the last is the one a user picks by naming a single
+// configuration. Only that run is recorded: the others would fill the recorder for nothing.
+
 void run_simulate(const simulate_options& o) {
   const model_spec model = model_spec::load_named(o.model);
   nlohmann::json rows = nlohmann::json::array();
   std::vector<variant> variants;
   for (const std::string& p : o.policies) variants.push_back(parse_variant(p));
+  trace_output trace(config_from_env());
+  auto& recorder = global_recorder();
+  recorder.enable(false);  // Note [Simulate's trace]
+  std::string traced;      // the configuration the trace shows
 
   for (const std::string& gpu : o.gpus) {
     const sim_options so = device_for(gpu);
@@ -167,8 +179,19 @@ void run_simulate(const simulate_options& o) {
         ro.policy = v.policy;
         ro.prefetch = v.prefetch;
         nlohmann::json cell;
+        const bool last_run = trace.active() && &gpu == &o.gpus.back() && &budget_text == &o.budgets.back() &&
+                              &v == &variants.back();
         try {
           sim_device dev(so);
+          if (last_run) {
+            trace.clear();
+            trace.options().device_name = dev.name();
+            trace.options().other_data = {{"model", model.name}, {"batch", unlimited.batch}, {"gpu", gpu},
+                                          {"budget", budget_text}, {"budget_bytes", budget},
+                                          {"policy", v.name}};
+            traced = fmt::format("{} on {} under {} with {}", model.name, gpu, budget_text, v.name);
+            recorder.enable(true);
+          }
           const run_report r = run_workload(dev, model, ro);
           cell = {{"step_ns", r.steady_step_ns()},
                   {"ratio", r.steady_step_ns() / t_unlimited},
@@ -185,10 +208,15 @@ void run_simulate(const simulate_options& o) {
         } catch (const std::bad_alloc& e) {
           cell = {{"error", "out of memory"}, {"detail", e.what()}};
         }
+        recorder.enable(false);
         row[v.name] = cell;
       }
       rows.push_back(row);
     }
+  }
+  if (trace.active()) {
+    trace.write_to(trace.path());  // now, so that a path that cannot be written fails the command
+    std::cerr << fmt::format("simulate: wrote the trace of {} to {}\n", traced, trace.path());
   }
   if (o.json) {
     std::cout << nlohmann::json{{"rows", rows}}.dump(2) << '\n';
@@ -225,7 +253,10 @@ void run_simulate(const simulate_options& o) {
 void add_simulate_command(CLI::App& app) {
   auto opts = std::make_shared<simulate_options>();
   CLI::App* cmd = app.add_subcommand(
-      "simulate", "Run a model's schedule on a simulated GPU under a budget, for each offload policy");
+      "simulate",
+      "Run a model's schedule on a simulated GPU under a budget, for each offload policy.\n"
+      "GPUSWAP_CONF=trace:FILE writes a Chrome/Perfetto trace of the last run only (the last --gpu,\n"
+      "--budget and --policy given): name one of each to trace the configuration you want.");
   cmd->add_option("--model", opts->model, "Model spec (tools/models/NAME.json)")->required();
   cmd->add_option("--batch", opts->batch, "Batch size (default: the model's)")->check(CLI::PositiveNumber);
   cmd->add_option("--budget", opts->budgets, "device_limit: a size (8GiB) or % of the no-offload peak")
