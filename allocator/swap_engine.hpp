@@ -165,6 +165,7 @@ class swap_engine final : public reclaimer {
     std::size_t bytes;
     int layer;
     event_t start, done;
+    std::uint64_t seq;  // issue order (copy_seq_)
   };
   struct pending_stall {
     buffer_id id;
@@ -181,6 +182,10 @@ class swap_engine final : public reclaimer {
   bool swap_out_locked(buffer_id id, buffer& b, stream_t producer, bool eviction);
   void poll_locked();
   void bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, bool demand);
+  // A device block for a new or demanded buffer: what the cache and budget serve now, else
+  // after the swap-outs in flight end, oldest first, else through the allocator's ladder
+  // (Note [Waiting for swap-outs in order]). Call without mutex_.
+  void* allocate_after_swap_outs(std::size_t bytes, stream_t stream);
   void nvtx_name_caller() const noexcept;
 
   device& dev_;
@@ -202,6 +207,7 @@ class swap_engine final : public reclaimer {
   std::vector<event_t> spare_events_;
   std::vector<event_t> all_events_;
   std::vector<pending_copy> copies_;
+  std::uint64_t copy_seq_ = 0;
   std::vector<pending_stall> stalls_;
   eviction_advisor* advisor_ = nullptr;
   swap_stats stats_;

@@ -115,6 +115,28 @@ TEST(swap_engine, acquire_of_a_swapped_out_buffer_fetches_on_demand_and_counts_a
   r.engine.destroy(id);
 }
 
+// Note [Waiting for swap-outs in order]: a buffer created while the budget is held by blocks
+// whose swap-outs are still copying waits for the oldest copy only, not for every copy in
+// flight (the allocator's ladder would wait for the last one), and evicts nothing.
+TEST(swap_engine, create_waits_for_the_oldest_swap_out_only) {
+  rig r(40 * mib);  // three 12 MiB segments and 4 MiB of headroom
+  const buffer_id a = r.engine.create(12 * mib, r.compute);
+  const buffer_id b = r.engine.create(12 * mib, r.compute);
+  const buffer_id c = r.engine.create(12 * mib, r.compute);
+  ASSERT_TRUE(r.engine.swap_out(a, r.compute));
+  ASSERT_TRUE(r.engine.swap_out(b, r.compute));  // its D2H queues behind a's
+  const buffer_id d = r.engine.create(12 * mib, r.compute);  // fits in a's block once a's copy ends
+  r.engine.poll();
+  EXPECT_EQ(r.engine.state(a), buffer_state::host);
+  EXPECT_EQ(r.engine.state(b), buffer_state::swapping_out);  // not waited for
+  EXPECT_EQ(r.engine.state(c), buffer_state::device);
+  EXPECT_EQ(r.engine.state(d), buffer_state::device);
+  EXPECT_EQ(r.engine.stats().evictions, 0u);
+  EXPECT_LE(static_cast<std::size_t>(r.alloc.stats().reserved_bytes.all().peak), 40 * mib);
+  r.engine.synchronize();
+  EXPECT_EQ(r.engine.state(b), buffer_state::host);
+}
+
 TEST(swap_engine, prefetch_far_enough_ahead_hides_the_copy) {
   rig r;
   const buffer_id id = r.engine.create(4 * mib, r.compute);
