@@ -24,6 +24,15 @@ event_t layer_schedule::take_event() {
   return pool_[pool_used_++];
 }
 
+// Note [Schedule ranges]
+// NVTX ranges belong where the markers are, not in each caller: the runner, the C API and the
+// LibTorch hooks all mark steps through this class, and Nsight should show every one of them
+// the same way. The iteration range opens lazily at an iteration's first step (there is no
+// begin_iteration marker) and closes at end_iteration, after the last layer range; the swap
+// engine's ranges (swap_out, prefetch, demand fetch) fall inside whichever is open on the
+// same thread. The ranges are host-side: they span the enqueueing of a step's work, while the
+// layer slices of the Chrome trace (end_iteration, below) span its execution on the device.
+
 void layer_schedule::begin_step(phase ph, int layer) {
   if (!current_.empty() && !current_.back().ended) {
     const marked_step& open = current_.back();
@@ -34,6 +43,9 @@ void layer_schedule::begin_step(phase ph, int layer) {
   const event_t begin = take_event();
   dev_.record_event(begin, compute_);
   current_.push_back(marked_step{ph, layer, begin, begin, false});
+  // Note [Schedule ranges].
+  if (!iteration_range_) iteration_range_.emplace(static_cast<std::uint64_t>(iterations_));
+  layer_range_.emplace(ph == phase::forward ? nvtx_phase::forward : nvtx_phase::backward, layer);
 }
 
 void layer_schedule::end_step(phase ph, int layer) {
@@ -47,12 +59,15 @@ void layer_schedule::end_step(phase ph, int layer) {
   open.end = take_event();
   dev_.record_event(open.end, compute_);
   open.ended = true;
+  layer_range_.reset();
 }
 
 void layer_schedule::end_iteration() {
   if (!current_.empty() && !current_.back().ended) {
     end_step(current_.back().ph, current_.back().layer);
   }
+  layer_range_.reset();
+  iteration_range_.reset();
   if (current_.empty()) return;
   // The compute stream runs in order: once the last event is done, all are.
   dev_.synchronize_event(current_.back().end);

@@ -10,11 +10,18 @@
 //
 // Not thread-safe: the training thread that enqueues the steps calls it. end_iteration blocks
 // until the iteration's last event completes; the other calls only record events.
+//
+// The markers are also Nsight's view of the step (Note [Schedule ranges]): an NVTX iteration
+// range from an iteration's first begin_step to end_iteration, and a layer range from each
+// begin_step to its end_step, pushed and popped on the calling (training) thread, so whoever
+// places the markers, the runner or an integration, gets the same ranges.
 #include <cstddef>
+#include <optional>
 #include <vector>
 
 #include "device/device.hpp"
 #include "prefetcher/workload_profile.hpp"
+#include "profiler/nvtx_ranges.hpp"
 
 namespace gpuswap {
 
@@ -78,6 +85,9 @@ class layer_schedule {
   std::vector<step_info> steps_;
   int iterations_ = 0;
   bool mismatch_logged_ = false;
+  // Open NVTX ranges; the layer range nests inside the iteration range.
+  std::optional<nvtx_iteration_range> iteration_range_;
+  std::optional<nvtx_layer_range> layer_range_;
   const device_timeline* timeline_ = nullptr;
   std::vector<step_time> step_times_;
 };
