@@ -15,13 +15,37 @@ namespace gpuswap {
 // keeps what it collected, and everyone who wants the events goes through it: each events() or
 // write empties the rings again, and the file written at the end still has all of it. The
 // events of one collect() come sorted; merging each batch into the sorted whole keeps the file's
-// order independent of when anyone asked.
+// order independent of when anyone asked. A background thread drains every drain_interval
+// while the trace is active: a run that only reads at the end (simulate, a training program
+// with trace:FILE) would otherwise lose all but each thread's first ring_capacity events.
+// Drains only append (each batch is sorted); the merge into one time order waits for a reader,
+// so that draining stays cheap however long the trace grows.
 
-trace_output::trace_output(std::string path, chrome_trace_options options, event_recorder& recorder)
+trace_output::trace_output(std::string path, chrome_trace_options options, event_recorder& recorder,
+                           std::chrono::milliseconds drain_interval)
     : path_(std::move(path)), options_(std::move(options)), recorder_(recorder) {
   if (active() && !recorder_.enabled()) {
     recorder_.enable(true);
     enabled_recorder_ = true;
+  }
+  if (active() && drain_interval.count() > 0) {
+    drainer_ = std::jthread(
+        [this, drain_interval](std::stop_token stop) { drain_periodically(stop, drain_interval); });
+  }
+}
+
+void trace_output::drain_periodically(std::stop_token stop, std::chrono::milliseconds interval) {
+  std::unique_lock lock(mutex_);
+  for (;;) {
+    // Returns at the interval or at once on a stop request, whatever the (never true) predicate.
+    drain_wakeup_.wait_for(lock, stop, interval, [] { return false; });
+    if (stop.stop_requested()) return;
+    try {
+      drain_locked();
+      background_drains_.fetch_add(1, std::memory_order_release);
+    } catch (const std::exception& e) {  // out of memory: the rings keep the events, or drop
+      log().warn("trace: draining the recorder failed: {}", e.what());
+    }
   }
 }
 
@@ -29,6 +53,10 @@ trace_output::trace_output(const config& conf, chrome_trace_options options, eve
     : trace_output(conf.trace, std::move(options), recorder) {}
 
 trace_output::~trace_output() {
+  if (drainer_.joinable()) {
+    drainer_.request_stop();
+    drainer_.join();
+  }
   if (active()) {
     try {
       std::lock_guard lock(mutex_);
@@ -45,14 +73,21 @@ trace_output::~trace_output() {
 
 void trace_output::drain_locked() {
   std::vector<trace_event> fresh = recorder_.collect();
-  if (fresh.empty()) return;
-  const auto old_size = static_cast<std::ptrdiff_t>(events_.size());
   events_.insert(events_.end(), std::make_move_iterator(fresh.begin()), std::make_move_iterator(fresh.end()));
-  std::inplace_merge(events_.begin(), events_.begin() + old_size, events_.end(),
-                     [](const trace_event& a, const trace_event& b) { return a.time_ns < b.time_ns; });
+}
+
+void trace_output::sort_locked() {
+  if (sorted_ == events_.size()) return;
+  // Stable: events of equal time keep their drain order, and within a drain the recorder's.
+  const auto by_time = [](const trace_event& a, const trace_event& b) { return a.time_ns < b.time_ns; };
+  const auto middle = events_.begin() + static_cast<std::ptrdiff_t>(sorted_);
+  std::stable_sort(middle, events_.end(), by_time);
+  std::inplace_merge(events_.begin(), middle, events_.end(), by_time);
+  sorted_ = events_.size();
 }
 
 void trace_output::write_locked(const std::string& path) {
+  sort_locked();
   chrome_trace_options o = options_;
   o.dropped_events = recorder_.dropped();
   if (path == path_) {
@@ -67,6 +102,7 @@ void trace_output::write_locked(const std::string& path) {
 std::vector<trace_event> trace_output::events() {
   std::lock_guard lock(mutex_);
   drain_locked();
+  sort_locked();
   return events_;
 }
 
@@ -74,6 +110,7 @@ void trace_output::clear() {
   std::lock_guard lock(mutex_);
   recorder_.clear();
   events_.clear();
+  sorted_ = 0;
   written_ = false;  // the file, if any, holds what was just forgotten
   written_count_ = 0;
 }

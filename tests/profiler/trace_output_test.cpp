@@ -7,9 +7,11 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/config.hpp"
@@ -279,6 +281,51 @@ TEST(trace_output, the_default_recorder_is_the_global_one) {
   }
   EXPECT_FALSE(g.enabled());
   EXPECT_EQ(swap_slices(read_chrome_trace(dir.file("t.json"))), 2u);
+}
+
+// A run that records far more than one ring holds between two reads loses nothing: the
+// background drain empties the rings while the run goes on. Each burst fills three quarters of
+// a 64-event ring, and the next burst starts only after two background drains have begun and
+// ended since (so at least one whole drain ran after the burst); without the drainer the wait
+// never ends and the test fails, and with a drain that missed events they show as drops.
+TEST(trace_output, the_background_drain_keeps_a_long_run_within_bounded_rings) {
+  temp_dir dir;
+  event_recorder rec(64);
+  constexpr int bursts = 40;
+  constexpr int per_burst = 48;
+  {
+    trace_output out(dir.file("t.json"), {}, rec, std::chrono::milliseconds(1));
+    for (int b = 0; b < bursts; ++b) {
+      for (int i = 0; i < per_burst; ++i) {
+        rec.record(trace_event::marker(event_kind::alloc, b * per_burst + i, trace_track::host, 1, 1));
+      }
+      const std::uint64_t seen = out.background_drains();
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+      while (out.background_drains() < seen + 2) {
+        ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "no background drain";
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    }
+    EXPECT_EQ(rec.dropped(), 0u);
+    const std::vector<trace_event> events = out.events();
+    ASSERT_EQ(events.size(), static_cast<std::size_t>(bursts * per_burst));
+    for (std::size_t i = 0; i < events.size(); ++i) {
+      ASSERT_EQ(events[i].time_ns, static_cast<double>(i)) << "in time order";
+    }
+  }
+  EXPECT_TRUE(fs::exists(dir.file("t.json")));
+}
+
+// Without the background drain (interval 0) the same run overflows: this is what the drain is for.
+TEST(trace_output, without_the_background_drain_a_long_run_overflows_the_rings) {
+  temp_dir dir;
+  event_recorder rec(64);
+  trace_output out(dir.file("t.json"), {}, rec, std::chrono::milliseconds(0));
+  for (int i = 0; i < 40 * 48; ++i) {
+    rec.record(trace_event::marker(event_kind::alloc, i, trace_track::host, 1, 1));
+  }
+  EXPECT_EQ(out.background_drains(), 0u);
+  EXPECT_GT(rec.dropped(), 0u);
 }
 
 }  // namespace
