@@ -82,6 +82,9 @@ struct segment {
   pool_kind pool = pool_kind::small;
   stream_t stream{};
   block* first = nullptr;  // the lowest-addressed block
+  // Being returned to the device: out of the pools and the figures, waiting for its stream's
+  // work (caching_allocator::release_unused_segments).
+  bool releasing = false;
 };
 
 }  // namespace gpuswap

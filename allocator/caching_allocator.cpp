@@ -286,6 +286,11 @@ block* caching_allocator::allocate_slow(std::unique_lock<std::mutex>& lock, cons
   for (int round = 0;; ++round) {
     if (block* b = search_or_new_segment(lock, req)) return b;
     ++stats_.num_alloc_retries;
+    // Note [Releasing just enough]: first what one new segment for this request needs, then
+    // everything unused.
+    if (release_unused_segments(lock, minimal_segment_size(req)) != 0) {
+      if (block* b = search_or_new_segment(lock, req)) return b;
+    }
     release_unused_segments(lock);
     if (block* b = search_or_new_segment(lock, req)) return b;
     if (pending_events_total_ != 0 || unsynced_blocks_ != 0) {
@@ -299,11 +304,14 @@ block* caching_allocator::allocate_slow(std::unique_lock<std::mutex>& lock, cons
   throw_oom(lock, req.bytes, req.size);
 }
 
+std::size_t caching_allocator::minimal_segment_size(const request& req) noexcept {
+  return req.pool == pool_kind::small ? small_buffer : round_up(req.size, round_large);
+}
+
 block* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const request& req) {
   // Note [Budget and segment sizes].
   const std::size_t preferred = segment_size(req.size);
-  const std::size_t minimal =
-      req.pool == pool_kind::small ? small_buffer : round_up(req.size, round_large);
+  const std::size_t minimal = minimal_segment_size(req);
   const std::size_t candidates[2] = {preferred, minimal};
   const std::size_t candidate_count = preferred == minimal ? 1 : 2;
   for (std::size_t i = 0; i < candidate_count; ++i) {
@@ -564,58 +572,150 @@ void caching_allocator::synchronize_pending(std::unique_lock<std::mutex>& lock) 
   process_events_locked();
 }
 
-std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mutex>& lock) {
-  std::vector<std::pair<void*, std::size_t>> victims;
-  victims.reserve(segments_.size());
-  std::size_t total = 0;
-  for (auto it = segments_.begin(); it != segments_.end();) {
-    segment& seg = it->second;
-    block* b = seg.first;
-    if (b->next != nullptr || b->state != block_state::free) {
-      ++it;
-      continue;
+// Note [Work in flight on released segments]
+// A block freed on its own stream is free at once, while kernels enqueued on that stream before
+// the free may still be using it. cudaFree waits for the device; the Device contract does not
+// promise that (the simulator does not wait), so the allocator waits itself before giving the
+// memory back. Only the segments' own streams need waiting for: a free block's last users are
+// on its segment's stream (uses on other streams were recorded with record_stream, and such a
+// block only became free once their events completed). So an event is recorded on each
+// victim's stream and waited for; a device-wide synchronize would also wait for the swap
+// engine's whole D2H queue, which is how a forward pass under a budget used to stall for
+// hundreds of milliseconds behind swap-outs it did not need. If no event can be had, the
+// device-wide synchronize is the fallback. A failed wait puts the segments back as they were.
+//
+// Note [Releasing just enough]
+// The OOM ladder first releases what one new segment for the request needs (the smallest
+// unused segment at least that big, else the largest ones until they add up), like PyTorch's
+// release_available_cached_blocks, and only then everything unused: a cache cut for backward's
+// sizes keeps most of its segments for the next backward, and each segment released is a
+// cudaFree now and a cudaMalloc later.
+
+std::vector<segment*> caching_allocator::pick_unused_segments_locked(std::size_t wanted) {
+  std::vector<segment*> unused;
+  for (auto& [base, seg] : segments_) {
+    const block* b = seg.first;
+    if (!seg.releasing && b->next == nullptr && b->state == block_state::free) {
+      unused.push_back(&seg);
     }
-    pool_erase_locked(*b);
-    recycle_block_object(b);
-    sub(stats_.segment, seg.pool, 1);
-    sub(stats_.reserved_bytes, seg.pool, signed_size(seg.size));
-    victims.emplace_back(reinterpret_cast<void*>(seg.base), seg.size);
-    total += seg.size;
-    it = segments_.erase(it);
   }
+  if (wanted == SIZE_MAX) return unused;
+  // Note [Releasing just enough]: the smallest segment that covers `wanted` alone, else the
+  // largest ones until they do (or all of them, if even that is not enough).
+  std::sort(unused.begin(), unused.end(),
+            [](const segment* a, const segment* b) { return a->size < b->size; });
+  auto one = std::find_if(unused.begin(), unused.end(),
+                          [&](const segment* seg) { return seg->size >= wanted; });
+  if (one != unused.end()) return {*one};
+  std::vector<segment*> picked;
+  std::size_t total = 0;
+  for (auto it = unused.rbegin(); it != unused.rend() && total < wanted; ++it) {
+    picked.push_back(*it);
+    total += (*it)->size;
+  }
+  return picked;
+}
+
+std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mutex>& lock,
+                                                       std::size_t wanted) {
   ++stats_.num_cache_flushes;
+  const std::vector<segment*> victims = pick_unused_segments_locked(wanted);
   if (victims.empty()) return 0;
+  std::vector<std::pair<std::uintptr_t, std::size_t>> released;
+  released.reserve(victims.size());  // before anything changes, as it may throw
+  // Out of the pools and the figures now, so that nobody allocates from them while the lock is
+  // dropped; still in segments_ (marked releasing) until the device has them back, so that a
+  // failed wait can put them back untouched.
+  std::size_t total = 0;
+  for (segment* seg : victims) {
+    seg->releasing = true;
+    pool_erase_locked(*seg->first);
+    sub(stats_.segment, seg->pool, 1);
+    sub(stats_.reserved_bytes, seg->pool, signed_size(seg->size));
+    total += seg->size;
+  }
   in_flight_bytes_ += total;  // still counted against the budget until the device has them
   const std::int64_t allocated_now = stats_.allocated_bytes.all().current;
   const std::int64_t reserved_now = stats_.reserved_bytes.all().current;
+  // Note [Work in flight on released segments].
+  std::vector<event_t> waits;
+  const bool whole_device = !record_release_waits_locked(victims, waits);
   lock.unlock();
-  // Note [Work in flight on released segments]: a block freed on its own stream is free at
-  // once, while kernels enqueued before the free may still be using it. cudaFree waits for
-  // the device; the Device contract does not promise that (the simulator does not wait), so
-  // the allocator waits itself before giving the memory back.
   try {
-    dev_.synchronize();
+    if (whole_device) {
+      dev_.synchronize();
+    } else {
+      for (event_t e : waits) dev_.synchronize_event(e);
+    }
   } catch (...) {
     lock.lock();
+    spare_events_.insert(spare_events_.end(), waits.begin(), waits.end());  // capacity covers them
+    for (segment* seg : victims) {
+      seg->releasing = false;
+      add(stats_.segment, seg->pool, 1);
+      add(stats_.reserved_bytes, seg->pool, signed_size(seg->size));
+      pool_insert_locked(*seg->first);
+    }
     in_flight_bytes_ -= total;
     throw;
   }
-  if (hooks_) {
-    for (const auto& [ptr, size] : victims) nvtx_pool_.unregister_segment(ptr);
+  // Forgotten before the device has them back: once free_device returns, another thread's
+  // allocate_device may hand out the same address, and its segment must not meet this one.
+  lock.lock();
+  spare_events_.insert(spare_events_.end(), waits.begin(), waits.end());
+  for (segment* seg : victims) {
+    released.emplace_back(seg->base, seg->size);
+    recycle_block_object(seg->first);
+    segments_.erase(seg->base);
   }
-  for (const auto& [ptr, size] : victims) dev_.free_device(ptr);
+  lock.unlock();
+  for (const auto& [base, size] : released) {
+    void* ptr = reinterpret_cast<void*>(base);
+    if (hooks_) nvtx_pool_.unregister_segment(ptr);
+    dev_.free_device(ptr);
+  }
   if (hooks_ && recorder_.enabled()) {
-    for (std::size_t i = 0; i < victims.size(); ++i) {
+    for (std::size_t i = 0; i < released.size(); ++i) {
       // One counter sample for the whole release, on its last marker.
-      const bool last = i + 1 == victims.size();
-      trace_segment(event_kind::segment_release, reinterpret_cast<std::uintptr_t>(victims[i].first),
-                    victims[i].second, last ? allocated_now : -1, last ? reserved_now : -1);
+      const bool last = i + 1 == released.size();
+      trace_segment(event_kind::segment_release, released[i].first, released[i].second,
+                    last ? allocated_now : -1, last ? reserved_now : -1);
     }
   }
   lock.lock();
   in_flight_bytes_ -= total;
-  stats_.num_device_frees += victims.size();
+  stats_.num_device_frees += released.size();
   return total;
+}
+
+bool caching_allocator::record_release_waits_locked(const std::vector<segment*>& victims,
+                                                    std::vector<event_t>& waits) noexcept {
+  try {
+    std::vector<stream_t> streams;
+    for (const segment* seg : victims) {
+      if (std::find(streams.begin(), streams.end(), seg->stream) == streams.end()) {
+        streams.push_back(seg->stream);
+      }
+    }
+    waits.reserve(streams.size());
+    for (stream_t stream : streams) {
+      event_t e{};
+      if (!spare_events_.empty()) {
+        e = spare_events_.back();
+        spare_events_.pop_back();
+      } else {
+        spare_events_.reserve(events_created_ + 1);
+        e = dev_.create_event();
+        ++events_created_;
+      }
+      waits.push_back(e);  // reserved: cannot throw
+      dev_.record_event(e, stream);
+    }
+    return true;
+  } catch (...) {
+    // No event to wait on (creating or recording one failed): wait for the whole device.
+    return false;
+  }
 }
 
 std::size_t caching_allocator::call_reclaimers(std::unique_lock<std::mutex>& lock,
@@ -944,6 +1044,7 @@ nlohmann::json caching_allocator::snapshot() const {
     std::lock_guard lock(mutex_);
     copy = stats_;
     for (const auto& [base, seg] : segments_) {
+      if (seg.releasing) continue;  // no longer counted: on its way back to the device
       nlohmann::json blocks = nlohmann::json::array();
       for (const block* b = seg.first; b != nullptr; b = b->next) {
         blocks.push_back({{"address", b->address},
@@ -980,6 +1081,7 @@ std::string caching_allocator::validate() const {
   std::size_t unsynced = 0;
 
   for (const auto& [base, seg] : segments_) {
+    if (seg.releasing) continue;  // out of the pools and figures until release ends
     if (seg.base != base) fail(fmt::format("segment {:#x}: keyed as {:#x}", seg.base, base));
     count(expect.segment, seg.pool, 1);
     count(expect.reserved_bytes, seg.pool, signed_size(seg.size));

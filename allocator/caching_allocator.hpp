@@ -191,7 +191,17 @@ class caching_allocator {
   void start_pending_locked(block* b) noexcept;
   void process_events_locked();
   void clear_unsynced_locked(std::uint64_t epoch);
-  std::size_t release_unused_segments(std::unique_lock<std::mutex>& lock);
+  // Returns unused segments (one whole free block) to the device: all of them, or with
+  // `wanted` just enough to cover that many bytes (Note [Releasing just enough]). Returns the
+  // bytes released.
+  std::size_t release_unused_segments(std::unique_lock<std::mutex>& lock,
+                                      std::size_t wanted = SIZE_MAX);
+  std::vector<segment*> pick_unused_segments_locked(std::size_t wanted);
+  // An event recorded on the stream of each victim, into `waits`; false when that failed and
+  // only a device-wide synchronize proves the segments idle.
+  bool record_release_waits_locked(const std::vector<segment*>& victims,
+                                   std::vector<event_t>& waits) noexcept;
+  static std::size_t minimal_segment_size(const request& req) noexcept;
   void synchronize_pending(std::unique_lock<std::mutex>& lock);
   std::size_t call_reclaimers(std::unique_lock<std::mutex>& lock, const request& req);
   [[noreturn]] void throw_oom(std::unique_lock<std::mutex>& lock, std::size_t bytes,
