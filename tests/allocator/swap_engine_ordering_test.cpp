@@ -35,22 +35,41 @@ std::size_t count_not(const unsigned char* p, std::size_t n, unsigned char v) {
   return bad;
 }
 
+// One engine on a small real-backed simulator, with the unsafe hooks the test sets.
+struct rig {
+  explicit rig(const swap_engine_options& eo)
+      : dev(options()),
+        alloc(dev, caching_allocator_options{}),
+        pool(dev, pinned_host_pool_options{}),
+        engine(dev, alloc, pool, eo),
+        compute(dev.create_stream(stream_priority::normal)) {}
+
+  // A resident, idle buffer of n bytes, each `value`.
+  buffer_id filled(std::size_t n, unsigned char value) {
+    const buffer_id id = engine.create(n, compute);
+    std::memset(engine.acquire(id, compute), value, n);
+    engine.release(id, compute);
+    dev.synchronize();
+    return id;
+  }
+
+  sim_device dev;
+  caching_allocator alloc;
+  pinned_host_pool pool;
+  swap_engine engine;
+  stream_t compute;
+};
+
 // Swap a buffer out while its D2H is held back, then let a new allocation on the compute stream
 // take device memory and overwrite it. With the guard the new allocation cannot get the block
 // before the D2H has read it; the bytes that come back are the buffer's.
 std::size_t reuse_before_copy_out(bool guarded) {
   swap_engine_options eo;
   eo.unsafe_testing.skip_copy_guard_on_free = !guarded;
-  sim_device dev(options());
-  caching_allocator alloc(dev, caching_allocator_options{});
-  pinned_host_pool pool(dev, pinned_host_pool_options{});
-  swap_engine engine(dev, alloc, pool, eo);
-  stream_t compute = dev.create_stream(stream_priority::normal);
+  rig r(eo);
+  auto& [dev, alloc, pool, engine, compute] = r;
   const std::size_t n = 8 * mib;
-  const buffer_id id = engine.create(n, compute);
-  std::memset(engine.acquire(id, compute), 0x5A, n);
-  engine.release(id, compute);
-  dev.synchronize();
+  const buffer_id id = r.filled(n, 0x5A);
 
   hold_stream(dev, engine.d2h_stream(), 60);  // the D2H will really run late
   if (!engine.swap_out(id, compute)) return n;
@@ -81,16 +100,10 @@ TEST(swap_engine_ordering, swapped_out_block_is_not_reused_before_its_copy_finis
 std::size_t consume_before_copy_in(bool guarded) {
   swap_engine_options eo;
   eo.unsafe_testing.skip_consumer_wait = !guarded;
-  sim_device dev(options());
-  caching_allocator alloc(dev, caching_allocator_options{});
-  pinned_host_pool pool(dev, pinned_host_pool_options{});
-  swap_engine engine(dev, alloc, pool, eo);
-  stream_t compute = dev.create_stream(stream_priority::normal);
+  rig r(eo);
+  auto& [dev, alloc, pool, engine, compute] = r;
   const std::size_t n = 8 * mib;
-  const buffer_id id = engine.create(n, compute);
-  std::memset(engine.acquire(id, compute), 0x3C, n);
-  engine.release(id, compute);
-  dev.synchronize();
+  const buffer_id id = r.filled(n, 0x3C);
   if (!engine.swap_out(id, compute)) return n;
   engine.synchronize();
   // Leave garbage in the memory the buffer will come back to.
@@ -124,17 +137,11 @@ TEST(swap_engine_ordering, prefetched_buffer_is_not_consumed_before_its_copy_eve
 std::size_t swap_in_over_a_block_still_read(bool guarded) {
   swap_engine_options eo;
   eo.unsafe_testing.skip_home_stream_wait = !guarded;
-  sim_device dev(options());
-  caching_allocator alloc(dev, caching_allocator_options{});
-  pinned_host_pool pool(dev, pinned_host_pool_options{});
-  swap_engine engine(dev, alloc, pool, eo);
-  stream_t compute = dev.create_stream(stream_priority::normal);
+  rig r(eo);
+  auto& [dev, alloc, pool, engine, compute] = r;
   const std::size_t n = 8 * mib;
   // B goes to the host and will come back into whatever block is free on compute.
-  const buffer_id b = engine.create(n, compute);
-  std::memset(engine.acquire(b, compute), 0x77, n);
-  engine.release(b, compute);
-  dev.synchronize();
+  const buffer_id b = r.filled(n, 0x77);
   if (!engine.swap_out(b, compute)) return n;
   engine.synchronize();
   // A is read by a slow kernel, then destroyed: its block is free on compute at once.
