@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # gpu-check.sh [LOG_DIR]: everything a machine with a GPU checks, in one call.
 #   GPU name and driver (nvidia-smi) -> deps (install-deps.sh) -> Release build with CUDA in
-#   build-gpu -> every test program (ctest) -> the CUDA backend's own tests, counted ->
-#   `gpuswap bench alloc --json` and `gpuswap demo --json` when those exist.
+#   build-gpu -> every test program (ctest) -> the CUDA backend's own tests and the GPU math and
+#   GPU training tests (gpuswap_tools_tests GpuMath*:*Cuda*), counted -> `gpuswap bench alloc
+#   --json` and `gpuswap demo --json` when those exist; with a GPU, the demo must have trained on
+#   it (CUDA kernels), within budget and bit-identical to its unlimited run.
 # Each step's full output goes to LOG_DIR (default ./gpu-check-out); stdout gets one line per
 # step and a summary (also in LOG_DIR/summary.txt). Exit status 0 when the build and every test
 # passed and no benchmark that exists failed.
@@ -34,8 +36,9 @@ step() {
 }
 
 # --- the GPU --------------------------------------------------------------------------------
+gpu_present=0
 if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+  nvidia-smi >"$out/nvidia-smi.txt" 2>&1 && gpu_present=1
   gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 |
     head -n 1)
   say "gpu          ${gpu:-unknown (nvidia-smi printed nothing)}"
@@ -68,17 +71,25 @@ if [ "$built" -eq 1 ]; then
       tee -a "$out/summary.txt"
   fi
 
-  # ctest reports a GTEST_SKIP as a pass; count the CUDA backend's tests here so that a GPU
-  # session can see they ran rather than skipped.
-  device_tests=$build/bin/gpuswap_device_tests
-  if [ -x "$device_tests" ]; then
-    step cuda-tests "$out/cuda-tests.log" "$device_tests" --gtest_filter='*Cuda*:*cuda*'
-    ran=$(grep -Eo '^\[  PASSED  \] [0-9]+' "$out/cuda-tests.log" | grep -Eo '[0-9]+$')
-    skipped=$(grep -Eo '^\[  SKIPPED \] [0-9]+ test' "$out/cuda-tests.log" | grep -Eo '[0-9]+')
-    say "             cuda tests: ${ran:-0} passed, ${skipped:-0} skipped"
-  else
-    say "cuda-tests   skipped: $device_tests was not built"
-  fi
+  # ctest reports a GTEST_SKIP as a pass; count the GPU tests here so that a GPU session can
+  # see they ran rather than skipped.
+  # gpu_tests NAME PROGRAM FILTER: runs PROGRAM's tests matching FILTER into NAME.log, counted.
+  gpu_tests() {
+    local name=$1 program=$build/bin/$2 filter=$3
+    if [ ! -x "$program" ]; then
+      say "$(printf '%-12s skipped: %s was not built' "$name" "$program")"
+      return
+    fi
+    step "$name" "$out/$name.log" "$program" --gtest_filter="$filter"
+    local ran skipped
+    ran=$(grep -Eo '^\[  PASSED  \] [0-9]+' "$out/$name.log" | grep -Eo '[0-9]+$')
+    skipped=$(grep -Eo '^\[  SKIPPED \] [0-9]+ test' "$out/$name.log" | grep -Eo '[0-9]+')
+    say "             $name: ${ran:-0} passed, ${skipped:-0} skipped"
+  }
+  # The CUDA backend's conformance, then gpu_math's kernels against reference_math and training
+  # on the GPU through the workload runner (TrainingMathCuda, WorkloadRunnerCuda).
+  gpu_tests cuda-tests gpuswap_device_tests '*Cuda*:*cuda*'
+  gpu_tests gpu-training gpuswap_tools_tests 'GpuMath*:*Cuda*'
 fi
 
 # --- benchmarks -----------------------------------------------------------------------------
@@ -114,6 +125,31 @@ bench() {
 }
 bench bench-alloc bench alloc
 bench demo demo
+
+# The demo's verdict, from its JSON: with a GPU it must have computed there (not fallen back to
+# the simulator), stayed within its budget and matched its unlimited run bit for bit.
+if [ -s "$out/demo.json" ] && command -v python3 >/dev/null 2>&1; then
+  if ! python3 - "$out/demo.json" "$gpu_present" >"$out/demo-verdict.txt" 2>&1 <<'PY'; then
+import json, sys
+d = json.load(open(sys.argv[1]))
+gpu = sys.argv[2] == "1"
+print(f"{d.get('device')}: math {d.get('math')}, within budget {d.get('within_budget')}, "
+      f"bit-identical {d.get('bit_identical')}, step time ratio {d.get('step_time_ratio', 0):.2f}")
+bad = []
+if gpu and d.get("math") != "cuda_kernels":
+    bad.append("a GPU is present but the demo did not compute on it (see demo.log)")
+if d.get("within_budget") is not True:
+    bad.append("over budget")
+if d.get("bit_identical") is not True:
+    bad.append("not bit-identical to the unlimited run")
+for b in bad:
+    print("FAILED: " + b)
+sys.exit(1 if bad else 0)
+PY
+    failed=1
+  fi
+  sed 's/^/             demo: /' "$out/demo-verdict.txt" | tee -a "$out/summary.txt"
+fi
 
 # --- summary --------------------------------------------------------------------------------
 if [ "$failed" -eq 0 ]; then

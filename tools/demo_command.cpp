@@ -1,7 +1,8 @@
 // `gpuswap demo`: the main job. Trains a real small network twice on the same device: once
 // with all the memory it wants, once under a device_limit below half of that with offload on,
 // and reports memory, swap traffic, overlap, stalls, the step-time ratio and whether losses and
-// gradients came out bit-identical.
+// gradients came out bit-identical. On a CUDA device the network is computed by gpu_math's
+// kernels; without one (or without kernels in this build), on the simulator by reference_math.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -19,6 +20,8 @@
 #include "profiler/trace_summary.hpp"
 #include "tools/commands.hpp"
 #include "core/human_bytes.hpp"
+#include "tools/gpu_math.hpp"
+#include "tools/training_math.hpp"
 #include "tools/workload_runner.hpp"
 
 namespace gpuswap::cli {
@@ -62,10 +65,9 @@ void run_demo(const demo_options& o) {
   req.sim = sim_preset(o.gpu);
   req.sim.backing = sim_backing::real;
   std::unique_ptr<device> dev = make_device(req);
-  if (dynamic_cast<sim_device*>(dev.get()) == nullptr) {
-    // The demo's network is computed by host functions on device memory, which a real GPU's
-    // memory is not; the CUDA path of the demo needs device kernels (docs/gpu-results.md).
-    log().warn("demo: {} cannot run the reference math; using the simulated device", dev->name());
+  if (std::string why; dynamic_cast<sim_device*>(dev.get()) == nullptr && !gpu_math_available(&why)) {
+    // A GPU's memory is not host memory: the network needs gpu_math's kernels there.
+    log().warn("demo: {} cannot run the training math ({}); using the simulated device", dev->name(), why);
     req.backend = backend_choice::sim;
     dev = make_device(req);
   }
@@ -80,6 +82,10 @@ void run_demo(const demo_options& o) {
   base.live_stats = live;
   std::cerr << fmt::format("demo: training {} on {}, unlimited memory...\n", model.name, dev->name());
   const run_report unlimited = run_workload(*dev, model, base);
+  if (!unlimited.real_math) {
+    // A model without reference math: there are no numbers to compare (the "math" key says so).
+    log().warn("demo: {} has no real math on {}: {}", model.name, dev->name(), describe(unlimited.math));
+  }
 
   runner_options limited = base;
   // What the network needs is what it had allocated at its peak; what the unlimited run
@@ -111,6 +117,7 @@ void run_demo(const demo_options& o) {
   nlohmann::json j = {
       {"model", model.name},
       {"device", dev->name()},
+      {"math", to_string(r.math)},
       {"batch", r.batch},
       {"steps", r.steps},
       {"policy", o.policy},
@@ -143,6 +150,7 @@ void run_demo(const demo_options& o) {
   }
   std::cout << fmt::format(
       "gpuswap demo: {} (batch {}) on {}, {} steps\n"
+      "  computed with                  {}\n"
       "  memory needed without offload  {}  (peak allocated; {} reserved)\n"
       "  device_limit                   {}  ({:.0f}% of that)\n"
       "  peak device memory             {}  ({})\n"
@@ -152,13 +160,15 @@ void run_demo(const demo_options& o) {
       "  step time                      {:.3f} ms vs {:.3f} ms unlimited ({:.2f}x)\n"
       "  losses                         {}\n"
       "  losses and gradients           {}\n",
-      model.name, r.batch, dev->name(), r.steps, human_bytes(needed), human_bytes(unlimited.peak_reserved_bytes),
+      model.name, r.batch, dev->name(), r.steps, describe(r.math), human_bytes(needed), human_bytes(unlimited.peak_reserved_bytes),
       human_bytes(r.budget_bytes), 100.0 * static_cast<double>(r.budget_bytes) / static_cast<double>(needed),
       human_bytes(r.peak_reserved_bytes), r.peak_reserved_bytes <= r.budget_bytes ? "within budget" : "OVER BUDGET",
       human_bytes(r.swaps.bytes_out), human_bytes(r.swaps.bytes_in), summary.overlap_pct,
       static_cast<double>(summary.copy_ns()) / 1e6, r.swaps.stall_ns / 1e6, r.swaps.stalls,
       r.steady_step_ns() / 1e6, unlimited.steady_step_ns() / 1e6, ratio, fmt::join(r.losses, ", "),
-      identical ? "bit-identical to the unlimited run" : "DIFFERENT from the unlimited run");
+      !r.real_math ? "not computed (modelled costs only)"
+      : identical  ? "bit-identical to the unlimited run"
+                   : "DIFFERENT from the unlimited run");
 }
 
 }  // namespace

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <memory>
 #include <unordered_map>
 
@@ -19,7 +18,7 @@
 #include "profiler/device_timeline.hpp"
 #include "profiler/event_recorder.hpp"
 #include "profiler/live_stats_writer.hpp"
-#include "tools/reference_math.hpp"
+#include "tools/training_math.hpp"
 #include "tools/workload_graph.hpp"
 
 namespace gpuswap {
@@ -33,6 +32,12 @@ namespace gpuswap {
 // signals, launch, free what is used up. Then the SGD update and a host synchronisation, as a
 // training loop that reads its loss does. Every step is bracketed by layer_schedule markers,
 // which measure the step times the next iteration's plan uses.
+//
+// "Launch" is a call to the run's training_math (tools/training_math.hpp), chosen once: host
+// functions on the simulator, CUDA kernels on a GPU, or modelled costs alone. Every one of
+// them enqueues on the compute stream before the step's release_all, so the release events the
+// swap engine records (and its swap-outs wait for) come after the step's work, whichever it is.
+// Each call carries the step's modelled cost and touched buffers for the simulator's clock.
 
 // Note [A fresh cache each iteration]
 // Under a budget with offload, the cache that backward leaves behind is cut for backward's
@@ -99,11 +104,6 @@ std::size_t plannable_budget(std::size_t budget) {
   return whole - whole / 10;
 }
 
-bool host_addressable(device& dev) {
-  auto* sim = dynamic_cast<sim_device*>(&dev);
-  return sim != nullptr && sim->options().backing == sim_backing::real;
-}
-
 class runner final : public eviction_advisor {
  public:
   runner(device& dev, const model_spec& model, const runner_options& o)
@@ -111,14 +111,13 @@ class runner final : public eviction_advisor {
         model_(model),
         opts_(o),
         batch_(o.batch > 0 ? o.batch : model.default_batch),
-        real_(o.real_math && host_addressable(dev) && model.loss_layer() >= 0 &&
-              std::all_of(model.layers.begin(), model.layers.end(),
-                          [](const layer_spec& l) { return l.has_reference_math(); })),
         alloc_(dev, caching_allocator_options{.device_limit = o.device_limit}),
         pool_(dev, pinned_host_pool_options{o.host_limit}),
         timeline_(dev),
         engine_(dev, alloc_, pool_, swap_engine_options{}, &timeline_),
         compute_(dev.create_stream(stream_priority::normal)),
+        math_(make_training_math({dev, alloc_, pool_, compute_, model, batch_}, o.real_math)),
+        real_(math_->computes()),
         schedule_(dev, compute_),
         link_(probe_link(dev)) {
     auto* sim = dynamic_cast<sim_device*>(&dev);
@@ -157,6 +156,7 @@ class runner final : public eviction_advisor {
     for (void* p : params_) alloc_.deallocate(p);
     for (void* p : grads_) alloc_.deallocate(p);
     pool_.deallocate(staging_);
+    math_.reset();  // gives back what it holds while the compute stream still exists
     dev_.destroy_stream(compute_);
   }
 
@@ -175,6 +175,7 @@ class runner final : public eviction_advisor {
     r.batch = batch_;
     r.steps = opts_.steps;
     r.real_math = real_;
+    r.math = math_->kind();
     r.budget_bytes = alloc_.budget();
     setup();
     plan(r);
@@ -215,8 +216,7 @@ class runner final : public eviction_advisor {
     if (opts_.keep_tensors && real_) {
       for (std::size_t l = 0; l < params_.size(); ++l) {
         if (params_[l] == nullptr) continue;
-        const auto* p = static_cast<const float*>(params_[l]);
-        r.final_params.emplace_back(p, p + model_.layers[l].param_elems);
+        r.final_params.push_back(math_->read(static_cast<const float*>(params_[l]), model_.layers[l].param_elems));
       }
     }
     return r;
@@ -229,6 +229,7 @@ class runner final : public eviction_advisor {
 
   void setup() {
     const std::size_t dt = static_cast<std::size_t>(model_.dtype_bytes);
+    math_->prepare();
     params_.assign(model_.layers.size(), nullptr);
     grads_.assign(model_.layers.size(), nullptr);
     for (const layer_spec& layer : model_.layers) {
@@ -239,18 +240,12 @@ class runner final : public eviction_advisor {
       params_[static_cast<std::size_t>(layer.index)] = p;
       grads_[static_cast<std::size_t>(layer.index)] = g;
       touched_buffer t[2] = {{p, n * dt}, {g, n * dt}};
-      const std::uint64_t seed = opts_.seed;
-      dev_.launch(compute_, kernel_cost{0, 2.0 * static_cast<double>(n * dt), 0},
-                  real_ ? std::function<void()>([&layer, p, g, n, seed] {
-                    init_params(layer, static_cast<float*>(p), seed);
-                    std::memset(g, 0, n * sizeof(float));
-                  })
-                        : std::function<void()>(),
-                  t);
+      math_->init_layer(layer, static_cast<float*>(p), static_cast<float*>(g), opts_.seed,
+                        {kernel_cost{0, 2.0 * static_cast<double>(n * dt), 0}, t});
     }
     staging_ = pool_.allocate(bytes_of(graph_.input_tensor));
-    labels_.resize(model_.labels_per_sample() * static_cast<std::size_t>(batch_));
     dev_.synchronize();
+    math_->on_synchronized();
   }
 
   void plan(run_report& r) {
@@ -276,10 +271,7 @@ class runner final : public eviction_advisor {
       const std::size_t n = bytes_of(tensor);
       e = alloc_.allocate(n, compute_);
       touched_buffer t{e, n};
-      void* p = e;
-      dev_.launch(compute_, kernel_cost{0, static_cast<double>(n), 0},
-                  real_ ? std::function<void()>([p, n] { std::memset(p, 0, n); }) : std::function<void()>(),
-                  {&t, 1});
+      math_->zero(e, n, {kernel_cost{0, static_cast<double>(n), 0}, {&t, 1}});
     }
     return static_cast<float*>(e);
   }
@@ -390,11 +382,9 @@ class runner final : public eviction_advisor {
   void iteration(int it, bool last) {
     prefetch_->reset();
     const std::size_t dt = static_cast<std::size_t>(model_.dtype_bytes);
-    // Load the batch: host data into pinned staging, then H2D into the input tensor.
-    if (real_) {
-      make_batch(model_, batch_, opts_.seed * 1000 + static_cast<std::uint64_t>(it),
-                 static_cast<float*>(staging_), labels_.data());
-    }
+    // Load the batch: host data into pinned staging, then H2D into the input tensor (the
+    // labels go where the training math reads them).
+    math_->load_batch(opts_.seed * 1000 + static_cast<std::uint64_t>(it), static_cast<float*>(staging_));
     current_step_ = 0;
     create_tensor(graph_.input_tensor, -1);
     {
@@ -420,19 +410,8 @@ class runner final : public eviction_advisor {
       if (state_t != workload_graph::no_tensor) use(state_t, held, touched);
       const float* params = static_cast<const float*>(params_[static_cast<std::size_t>(l)]);
       if (params != nullptr) touched.push_back({params, layer.param_elems * dt});
-      std::function<void()> fn;
-      if (real_) {
-        if (layer.op == layer_kind::softmax_xent) {
-          float* loss = &losses_[static_cast<std::size_t>(it)];
-          const int* labels = labels_.data();
-          fn = [&layer, b = batch_, in = inputs[0], labels, out, loss] {
-            *loss = softmax_xent_forward(layer, b, in, labels, out);
-          };
-        } else {
-          fn = [&layer, b = batch_, inputs, params, out] { layer_forward(layer, b, inputs, params, out); };
-        }
-      }
-      dev_.launch(compute_, graph_.forward_cost[static_cast<std::size_t>(l)], std::move(fn), touched);
+      float* loss = layer.op == layer_kind::softmax_xent ? &losses_[static_cast<std::size_t>(it)] : nullptr;
+      math_->forward(layer, inputs, params, out, loss, {graph_.forward_cost[static_cast<std::size_t>(l)], touched});
       release_all(held);
       touched.clear();
       schedule_.end_step(phase::forward, l);
@@ -480,20 +459,8 @@ class runner final : public eviction_advisor {
         touched.push_back({params, layer.param_elems * dt});
         touched.push_back({grad_params, layer.param_elems * dt});
       }
-      std::function<void()> fn;
-      if (real_) {
-        if (is_loss) {
-          const int* labels = labels_.data();
-          fn = [&layer, b = batch_, out, labels, g = grad_inputs[0]] {
-            softmax_xent_backward(layer, b, out, labels, g);
-          };
-        } else {
-          fn = [&layer, b = batch_, inputs, out, grad_out, params, grad_inputs, grad_params] {
-            layer_backward(layer, b, inputs, out, grad_out, params, grad_inputs, grad_params);
-          };
-        }
-      }
-      dev_.launch(compute_, graph_.backward_cost[static_cast<std::size_t>(l)], std::move(fn), touched);
+      math_->backward(layer, inputs, out, grad_out, params, grad_inputs, grad_params,
+                      {graph_.backward_cost[static_cast<std::size_t>(l)], touched});
       release_all(held);
       touched.clear();
       // The output's error signal is used up.
@@ -509,6 +476,7 @@ class runner final : public eviction_advisor {
     schedule_.end_iteration();
     record_memory_counters();
     dev_.synchronize();  // the training loop reads its loss
+    math_->on_synchronized();
     engine_.poll();
     if (opts_.device_limit != 0 && opts_.policy != offload_policy::none) {
       alloc_.empty_cache();  // Note [A fresh cache each iteration]
@@ -526,29 +494,25 @@ class runner final : public eviction_advisor {
       const std::size_t n = layer.param_elems;
       touched_buffer t[2] = {{p, n * dt}, {g, n * dt}};
       std::vector<float>* keep = last && opts_.keep_tensors && real_ ? &last_gradients_[l] : nullptr;
-      dev_.launch(compute_, kernel_cost{2.0 * static_cast<double>(n), 3.0 * static_cast<double>(n * dt), 0},
-                  real_ ? std::function<void()>([p, g, n, keep, lr = opts_.learning_rate] {
-                    if (keep != nullptr) keep->assign(g, g + n);
-                    sgd_update(p, g, n, lr);
-                    std::memset(g, 0, n * sizeof(float));
-                  })
-                        : std::function<void()>(),
-                  t);
+      math_->update(layer, p, g, opts_.learning_rate, keep,
+                    {kernel_cost{2.0 * static_cast<double>(n), 3.0 * static_cast<double>(n * dt), 0}, t});
     }
-    // The kernels fill last_gradients_ when they run; iteration() synchronizes before run()
-    // reads (and compacts) it.
+    // last_gradients_ is filled once the update work has run and the training math has been
+    // told (iteration() synchronizes, then on_synchronized) before run() reads and compacts it.
   }
 
   device& dev_;
   const model_spec& model_;
   const runner_options opts_;
   const int batch_;
-  const bool real_;
   caching_allocator alloc_;
   pinned_host_pool pool_;
   device_timeline timeline_;
   swap_engine engine_;
   stream_t compute_;
+  // Declared after what it uses, so it goes before them; the destructor resets it first anyway.
+  std::unique_ptr<training_math> math_;
+  const bool real_;  // math_ computes: there are losses, gradients and parameters to report
   layer_schedule schedule_;
   link_figures link_;
   workload_graph graph_;
@@ -560,7 +524,6 @@ class runner final : public eviction_advisor {
   std::vector<std::vector<int>> release_after_;  // per step: tensors whose last use it is
   std::vector<void*> params_, grads_;       // per layer
   void* staging_ = nullptr;                 // pinned input batch
-  std::vector<int> labels_;
   std::vector<float> losses_;
   std::vector<std::vector<float>> last_gradients_;
   int current_step_ = 0;

@@ -4,8 +4,10 @@
 // happened. The demo, `gpuswap simulate` and the end-to-end tests all run through it.
 //
 // On the simulator's real backing the network is computed for real (tools/reference_math as
-// simulated kernels), so a budgeted run can be compared bit for bit with an unlimited one; on
-// phantom backing only the modelled costs run, which is how VGG-16 at batch 256 fits in a test.
+// simulated kernels), and on a CUDA device by tools/gpu_math's kernels, so a budgeted run can be
+// compared bit for bit with an unlimited one on the same device; on phantom backing only the
+// modelled costs run, which is how VGG-16 at batch 256 fits in a test. tools/training_math.hpp
+// is the seam: the runner picks one implementation per run and calls it for every step.
 //
 // Iteration 0 runs with a plan made from estimated step times; it measures the real ones
 // (layer_schedule), and every later iteration runs with a plan made from those.
@@ -19,6 +21,7 @@
 #include "device/device.hpp"
 #include "prefetcher/offload_planner.hpp"
 #include "tools/model_spec.hpp"
+#include "tools/training_math.hpp"
 
 namespace gpuswap {
 
@@ -35,8 +38,9 @@ struct runner_options {
   float learning_rate = 0.01f;
   // Keep the last step's parameter gradients and the final parameters (real math only).
   bool keep_tensors = false;
-  // Compute for real when the device's memory is host-addressable (the simulator's real
-  // backing) and the model has reference math; false: model the costs only.
+  // Compute for real when the model has reference math and the device can run it: the
+  // simulator's real backing (host functions) or a CUDA device with gpu_math's kernels (see
+  // make_training_math); false: model the costs only.
   bool real_math = true;
   // Where to publish live figures for `gpuswap top` after every step; nullptr: nowhere.
   live_stats_writer* live_stats = nullptr;
@@ -48,6 +52,7 @@ struct run_report {
   int batch = 0;
   int steps = 0;
   bool real_math = false;
+  training_math_kind math = training_math_kind::modelled;  // what computed the network
   std::size_t budget_bytes = 0;        // the allocator's budget
   offload_plan plan;                   // the plan of the last iteration
   std::size_t peak_reserved_bytes = 0; // device memory held at the peak

@@ -15,6 +15,8 @@
 #include "core/errors.hpp"
 #include "device/sim_device.hpp"
 #include "tools/model_spec.hpp"
+#include "tools/reference_math.hpp"
+#include "tools/training_math.hpp"
 
 namespace gpuswap {
 namespace {
@@ -170,6 +172,63 @@ TEST(budgeted_training, the_unlimited_run_is_deterministic) {
   o.seed = 2;
   const run_report c = run_workload(dev, model, o);
   EXPECT_FALSE(same_bits(c.losses, a.losses));
+}
+
+// The runner's numbers are reference_math's: one step through the runner (and its training
+// math) is reference_train_step on the same parameters and batch, bit for bit, and the update
+// is sgd_update. Without this, the comparisons above would also pass for a runner that computed
+// the wrong thing consistently.
+TEST(budgeted_training, one_step_is_reference_train_step_bit_for_bit) {
+  const model_spec model = model_spec::load_named("tiny_resnet");
+  constexpr int batch = 8;
+  constexpr std::uint64_t seed = 4;
+  sim_device dev(small_real_device());
+  runner_options o;
+  o.batch = batch;
+  o.steps = 1;
+  o.keep_tensors = true;
+  o.seed = seed;
+  o.learning_rate = 0.05F;
+  const run_report r = run_workload(dev, model, o);
+  EXPECT_TRUE(r.real_math);
+  EXPECT_EQ(r.math, training_math_kind::host_reference);
+
+  std::vector<std::vector<float>> params = init_model_params(model, seed);
+  std::vector<float> x(static_cast<std::size_t>(batch) * model.input_elems_per_sample());
+  std::vector<int> labels(static_cast<std::size_t>(batch) * model.labels_per_sample());
+  make_batch(model, batch, seed * 1000, x.data(), labels.data());  // the runner's seed for step 0
+  std::vector<std::vector<float>> grads;
+  const float loss = reference_train_step(model, batch, params, x.data(), labels.data(), grads);
+  std::vector<std::vector<float>> want_grads, want_params;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    if (params[i].empty()) continue;  // the runner keeps entries for parameterised layers only
+    sgd_update(params[i].data(), grads[i].data(), params[i].size(), o.learning_rate);
+    want_grads.push_back(grads[i]);
+    want_params.push_back(params[i]);
+  }
+  ASSERT_FALSE(want_grads.empty());
+  EXPECT_TRUE(same_bits(r.losses, {loss})) << "loss";
+  EXPECT_TRUE(same_bits(r.last_gradients, want_grads)) << "gradients";
+  EXPECT_TRUE(same_bits(r.final_params, want_params)) << "parameters after the update";
+}
+
+// Phantom backing has no bytes: the runner models the costs and reports no numbers.
+TEST(budgeted_training, phantom_backing_is_modelled_only) {
+  const model_spec model = model_spec::load_named("tiny_cnn");
+  sim_options so = small_real_device();
+  so.backing = sim_backing::phantom;
+  sim_device dev(so);
+  runner_options o;
+  o.batch = 32;
+  o.steps = 2;
+  o.keep_tensors = true;
+  const run_report r = run_workload(dev, model, o);
+  EXPECT_FALSE(r.real_math);
+  EXPECT_EQ(r.math, training_math_kind::modelled);
+  EXPECT_TRUE(r.losses.empty());
+  EXPECT_TRUE(r.last_gradients.empty());
+  EXPECT_TRUE(r.final_params.empty());
+  EXPECT_GT(r.peak_allocated_bytes, 0U);
 }
 
 }  // namespace
