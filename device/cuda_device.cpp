@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "core/errors.hpp"
+#include "device/cuda_no_device.hpp"
 #include "core/logging.hpp"
 
 namespace gpuswap {
@@ -71,30 +72,11 @@ void log_failure(cudaError_t status, std::string_view call) noexcept {
   }
 }
 
-// Errors that mean "this process cannot use a GPU here", as opposed to a GPU that misbehaves.
-bool means_no_device(cudaError_t status) {
-  switch (status) {
-    case cudaErrorInsufficientDriver:
-    case cudaErrorNoDevice:
-    case cudaErrorInvalidDevice:
-    case cudaErrorDevicesUnavailable:
-    case cudaErrorSystemDriverMismatch:
-    case cudaErrorCompatNotSupportedOnDevice:
-    case cudaErrorStubLibrary:
-    case cudaErrorInitializationError:
-    case cudaErrorSystemNotReady:
-    case cudaErrorDeviceNotLicensed:
-    case cudaErrorCallRequiresNewerDriver:
-      return true;
-    default:
-      return false;
-  }
-}
 
 // check() for the calls that open the device: "cannot use a GPU here" becomes no_cuda_device.
 void check_open(cudaError_t status, std::string_view call) {
   if (status == cudaSuccess) return;
-  if (means_no_device(status)) {
+  if (cuda_means_no_device(status)) {
     (void)cudaGetLastError();
     throw_no_cuda_device(call, cudaGetErrorName(status), cudaGetErrorString(status));
   }

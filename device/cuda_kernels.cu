@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/errors.hpp"
+#include "device/cuda_no_device.hpp"
 
 namespace gpuswap::cuda_kernels {
 
@@ -43,31 +44,12 @@ constexpr int block_threads = 256;
 constexpr std::size_t max_blocks = 65535;
 constexpr double bn_eps = 1e-5;  // reference_math's
 
-bool means_no_device(cudaError_t status) {
-  switch (status) {
-    case cudaErrorInsufficientDriver:
-    case cudaErrorNoDevice:
-    case cudaErrorInvalidDevice:
-    case cudaErrorDevicesUnavailable:
-    case cudaErrorSystemDriverMismatch:
-    case cudaErrorCompatNotSupportedOnDevice:
-    case cudaErrorStubLibrary:
-    case cudaErrorInitializationError:
-    case cudaErrorSystemNotReady:
-    case cudaErrorDeviceNotLicensed:
-    case cudaErrorCallRequiresNewerDriver:
-      return true;
-    default:
-      return false;
-  }
-}
-
 // The one place a CUDA status becomes an exception here. Clearing the thread's last error keeps
 // a handled failure from resurfacing in an unrelated later cudaGetLastError.
 void check(cudaError_t status, const char* what) {
   if (status == cudaSuccess) return;
   (void)cudaGetLastError();
-  if (means_no_device(status)) {
+  if (cuda_means_no_device(status)) {
     throw_no_cuda_device(what, cudaGetErrorName(status), cudaGetErrorString(status));
   }
   throw_device_error(what, cudaGetErrorName(status), cudaGetErrorString(status));

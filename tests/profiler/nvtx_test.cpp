@@ -24,6 +24,8 @@
 #include "profiler/nvtx_ranges.hpp"
 #include "profiler/nvtx_registry.hpp"
 
+#include "support/nvtx_test_tool.hpp"
+
 namespace gpuswap {
 namespace {
 
@@ -88,47 +90,7 @@ constexpr const char* no_tool_env = "GPUSWAP_NVTX_TEST_NO_TOOL";
   return true;
 }();
 
-// The read-back side of the test tool, found in the copy NVTX loaded.
-struct test_tool {
-  void* handle = nullptr;
-  char* (*log_json)() = nullptr;
-  std::size_t (*live_heaps)() = nullptr;
-  std::size_t (*live_regions)() = nullptr;
-
-  // Null when NVTX did not load the tool.
-  static const test_tool* get() {
-    static const test_tool tool = [] {
-      (void)get_nvtx_registry();  // the first NVTX call: loads the tool, if any
-      test_tool t;
-      t.handle = ::dlopen(GPUSWAP_NVTX_INJECTION_PATH, RTLD_NOW | RTLD_NOLOAD);
-      if (t.handle != nullptr) {
-        t.log_json = reinterpret_cast<char* (*)()>(::dlsym(t.handle, "gpuswap_nvtx_log_json"));
-        t.live_heaps =
-            reinterpret_cast<std::size_t (*)()>(::dlsym(t.handle, "gpuswap_nvtx_live_heaps"));
-        t.live_regions =
-            reinterpret_cast<std::size_t (*)()>(::dlsym(t.handle, "gpuswap_nvtx_live_regions"));
-      }
-      return t;
-    }();
-    return tool.handle != nullptr && tool.log_json != nullptr ? &tool : nullptr;
-  }
-
-  json log() const {
-    char* text = log_json();
-    json j = json::parse(text);
-    std::free(text);
-    return j;
-  }
-  // The entries after the first `from` (tests slice the log rather than clear it, so that the
-  // once-per-process registrations stay visible to every test).
-  json log_since(std::size_t from) const {
-    json all = log();
-    json out = json::array();
-    for (std::size_t i = from; i < all.size(); ++i) out.push_back(all[i]);
-    return out;
-  }
-  std::size_t log_size() const { return log().size(); }
-};
+using test_tool = testing_support::nvtx_test_tool;
 
 std::vector<json> entries_where(const json& log, const std::string& call) {
   std::vector<json> out;

@@ -28,6 +28,8 @@
 #include "tools/model_spec.hpp"
 #include "tools/workload_runner.hpp"
 
+#include "support/nvtx_test_tool.hpp"
+
 namespace gpuswap {
 namespace {
 
@@ -41,39 +43,7 @@ using json = nlohmann::json;
   return true;
 }();
 
-// The read-back side of the test tool, found in the copy NVTX loaded.
-struct test_tool {
-  void* handle = nullptr;
-  char* (*log_json)() = nullptr;
-  std::size_t (*live_heaps)() = nullptr;
-  std::size_t (*live_regions)() = nullptr;
-
-  // Null when NVTX did not load the tool.
-  static const test_tool* get() {
-    static const test_tool tool = [] {
-      (void)get_nvtx_registry();  // the first NVTX call: loads the tool
-      test_tool t;
-      t.handle = ::dlopen(GPUSWAP_NVTX_INJECTION_PATH, RTLD_NOW | RTLD_NOLOAD);
-      if (t.handle != nullptr) {
-        t.log_json = reinterpret_cast<char* (*)()>(::dlsym(t.handle, "gpuswap_nvtx_log_json"));
-        t.live_heaps = reinterpret_cast<std::size_t (*)()>(::dlsym(t.handle, "gpuswap_nvtx_live_heaps"));
-        t.live_regions = reinterpret_cast<std::size_t (*)()>(::dlsym(t.handle, "gpuswap_nvtx_live_regions"));
-      }
-      return t;
-    }();
-    return tool.handle != nullptr && tool.log_json != nullptr && tool.live_heaps != nullptr &&
-                   tool.live_regions != nullptr
-               ? &tool
-               : nullptr;
-  }
-
-  json log() const {
-    char* text = log_json();
-    json j = json::parse(text);
-    std::free(text);
-    return j;
-  }
-};
+using test_tool = testing_support::nvtx_test_tool;
 
 constexpr std::size_t mib = std::size_t{1} << 20;
 
