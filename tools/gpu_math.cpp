@@ -7,6 +7,7 @@
 #include "core/errors.hpp"
 #include "device/cuda_kernels.hpp"
 #include "device/device_factory.hpp"
+#include "tools/layer_math_checks.hpp"
 
 namespace gpuswap {
 
@@ -30,24 +31,6 @@ constexpr std::string_view no_kernels_reason =
 
 [[noreturn]] void no_kernels(std::string_view call) {
   throw_no_cuda_device(call, "gpuswap_no_cuda_kernels", no_kernels_reason);
-}
-
-// The argument checks of reference_math, with its messages.
-[[noreturn]] void no_math(const layer_spec& l, std::string_view what) {
-  throw_config_error("kind", l.kind,
-                     "conv, fc, relu, maxpool, avgpool, add, batchnorm, flatten, softmax_xent",
-                     fmt::format("layer {}: {}", l.name, what));
-}
-
-void check_batch(const layer_spec& l, int batch) {
-  if (batch < 1) {
-    throw_config_error("batch", fmt::format("{}", batch), "a batch of 1 or more",
-                       fmt::format("layer {}", l.name));
-  }
-}
-
-void check_loss(const layer_spec& l) {
-  if (l.op != layer_kind::softmax_xent) no_math(l, "softmax_xent_* called on a non-loss layer");
 }
 
 cuda_kernels::conv_geometry conv_of(const layer_spec& l, int batch) {
@@ -100,11 +83,11 @@ bool gpu_math_available(std::string* why) {
 
 void gpu_layer_forward(const layer_spec& l, int batch, std::span<const float* const> in,
                        const float* params, float* y, void* native_stream) {
-  check_batch(l, batch);
+  check_layer_batch(l, batch);
   if (in.size() != l.inputs.size()) {
-    no_math(l, fmt::format("given {} inputs, expects {}", in.size(), l.inputs.size()));
+    throw_no_layer_math(l, fmt::format("given {} inputs, expects {}", in.size(), l.inputs.size()));
   }
-  if (!l.has_reference_math()) no_math(l, "this kind is cost-model only (no reference math)");
+  if (!l.has_reference_math()) throw_no_layer_math(l, "this kind is cost-model only (no reference math)");
   if constexpr (!kernels_compiled) {
     no_kernels("gpu_layer_forward");
   } else {
@@ -134,22 +117,22 @@ void gpu_layer_forward(const layer_spec& l, int batch, std::span<const float* co
       case layer_kind::embedding:
       case layer_kind::layernorm: break;
     }
-    no_math(l, "this kind is cost-model only (no reference math)");
+    throw_no_layer_math(l, "this kind is cost-model only (no reference math)");
   }
 }
 
 void gpu_layer_backward(const layer_spec& l, int batch, std::span<const float* const> in,
                         const float* y, const float* gy, const float* params,
                         std::span<float* const> gin, float* gparams, void* native_stream) {
-  check_batch(l, batch);
+  check_layer_batch(l, batch);
   if (in.size() != l.inputs.size() || gin.size() != l.inputs.size()) {
-    no_math(l, fmt::format("given {} inputs and {} input gradients, expects {}", in.size(),
+    throw_no_layer_math(l, fmt::format("given {} inputs and {} input gradients, expects {}", in.size(),
                            gin.size(), l.inputs.size()));
   }
   if (l.op == layer_kind::softmax_xent) {
-    no_math(l, "the loss's backward needs the labels: use softmax_xent_backward");
+    throw_no_layer_math(l, "the loss's backward needs the labels: use softmax_xent_backward");
   }
-  if (!l.has_reference_math()) no_math(l, "this kind is cost-model only (no reference math)");
+  if (!l.has_reference_math()) throw_no_layer_math(l, "this kind is cost-model only (no reference math)");
   if constexpr (!kernels_compiled) {
     no_kernels("gpu_layer_backward");
   } else {
@@ -198,15 +181,15 @@ void gpu_layer_backward(const layer_spec& l, int batch, std::span<const float* c
       case layer_kind::embedding:
       case layer_kind::layernorm: break;
     }
-    no_math(l, "this kind is cost-model only (no reference math)");
+    throw_no_layer_math(l, "this kind is cost-model only (no reference math)");
   }
 }
 
 void gpu_softmax_xent_forward(const layer_spec& l, int batch, const float* logits,
                               const int* labels, float* probs, float* loss,
                               void* native_stream) {
-  check_loss(l);
-  check_batch(l, batch);
+  check_loss_layer(l);
+  check_layer_batch(l, batch);
   if constexpr (!kernels_compiled) {
     no_kernels("gpu_softmax_xent_forward");
   } else {
@@ -218,8 +201,8 @@ void gpu_softmax_xent_forward(const layer_spec& l, int batch, const float* logit
 
 void gpu_softmax_xent_backward(const layer_spec& l, int batch, const float* probs,
                                const int* labels, float* grad_logits, void* native_stream) {
-  check_loss(l);
-  check_batch(l, batch);
+  check_loss_layer(l);
+  check_layer_batch(l, batch);
   if constexpr (!kernels_compiled) {
     no_kernels("gpu_softmax_xent_backward");
   } else {

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "core/errors.hpp"
+#include "tools/layer_math_checks.hpp"
 
 namespace gpuswap {
 
@@ -23,19 +24,6 @@ namespace gpuswap {
 namespace {
 
 constexpr double bn_eps = 1e-5;
-
-[[noreturn]] void no_math(const layer_spec& l, std::string_view what) {
-  throw_config_error("kind", l.kind,
-                     "conv, fc, relu, maxpool, avgpool, add, batchnorm, flatten, softmax_xent",
-                     fmt::format("layer {}: {}", l.name, what));
-}
-
-void check_batch(const layer_spec& l, int batch) {
-  if (batch < 1) {
-    throw_config_error("batch", fmt::format("{}", batch), "a batch of 1 or more",
-                       fmt::format("layer {}", l.name));
-  }
-}
 
 template <typename T>
 void add_into(T* dst, const std::vector<T>& contribution) {
@@ -400,9 +388,9 @@ void softmax_backward_impl(const layer_spec& l, int batch, const T* probs, const
 template <typename T>
 void forward_impl(const layer_spec& l, int batch, std::span<const T* const> in, const T* params,
                   T* y) {
-  check_batch(l, batch);
+  check_layer_batch(l, batch);
   if (in.size() != l.inputs.size()) {
-    no_math(l, fmt::format("given {} inputs, expects {}", in.size(), l.inputs.size()));
+    throw_no_layer_math(l, fmt::format("given {} inputs, expects {}", in.size(), l.inputs.size()));
   }
   const std::size_t n_in = static_cast<std::size_t>(batch) * l.in_elems_per_sample;
   const T* x = in[0];
@@ -428,15 +416,15 @@ void forward_impl(const layer_spec& l, int batch, std::span<const T* const> in, 
     case layer_kind::embedding:
     case layer_kind::layernorm: break;
   }
-  no_math(l, "this kind is cost-model only (no reference math)");
+  throw_no_layer_math(l, "this kind is cost-model only (no reference math)");
 }
 
 template <typename T>
 void backward_impl(const layer_spec& l, int batch, std::span<const T* const> in, const T* y,
                    const T* gy, const T* params, std::span<T* const> gin, T* gparams) {
-  check_batch(l, batch);
+  check_layer_batch(l, batch);
   if (in.size() != l.inputs.size() || gin.size() != l.inputs.size()) {
-    no_math(l, fmt::format("given {} inputs and {} input gradients, expects {}", in.size(),
+    throw_no_layer_math(l, fmt::format("given {} inputs and {} input gradients, expects {}", in.size(),
                            gin.size(), l.inputs.size()));
   }
   const std::size_t n_in = static_cast<std::size_t>(batch) * l.in_elems_per_sample;
@@ -467,16 +455,12 @@ void backward_impl(const layer_spec& l, int batch, std::span<const T* const> in,
       }
       return;
     case layer_kind::softmax_xent:
-      no_math(l, "the loss's backward needs the labels: use softmax_xent_backward");
+      throw_no_layer_math(l, "the loss's backward needs the labels: use softmax_xent_backward");
     case layer_kind::transformer:
     case layer_kind::embedding:
     case layer_kind::layernorm: break;
   }
-  no_math(l, "this kind is cost-model only (no reference math)");
-}
-
-void check_loss(const layer_spec& l) {
-  if (l.op != layer_kind::softmax_xent) no_math(l, "softmax_xent_* called on a non-loss layer");
+  throw_no_layer_math(l, "this kind is cost-model only (no reference math)");
 }
 
 // splitmix64: small, fast, and the same numbers on every platform (unlike the std
@@ -524,27 +508,27 @@ void layer_backward(const layer_spec& layer, int batch, std::span<const double* 
 
 float softmax_xent_forward(const layer_spec& layer, int batch, const float* logits,
                            const int* labels, float* probs) {
-  check_loss(layer);
-  check_batch(layer, batch);
+  check_loss_layer(layer);
+  check_layer_batch(layer, batch);
   return static_cast<float>(softmax_rows<float>(layer, batch, logits, labels, probs));
 }
 
 double softmax_xent_forward(const layer_spec& layer, int batch, const double* logits,
                             const int* labels, double* probs) {
-  check_loss(layer);
-  check_batch(layer, batch);
+  check_loss_layer(layer);
+  check_layer_batch(layer, batch);
   return softmax_rows<double>(layer, batch, logits, labels, probs);
 }
 
 void softmax_xent_backward(const layer_spec& layer, int batch, const float* probs,
                            const int* labels, float* grad_logits) {
-  check_loss(layer);
+  check_loss_layer(layer);
   softmax_backward_impl<float>(layer, batch, probs, labels, grad_logits);
 }
 
 void softmax_xent_backward(const layer_spec& layer, int batch, const double* probs,
                            const int* labels, double* grad_logits) {
-  check_loss(layer);
+  check_loss_layer(layer);
   softmax_backward_impl<double>(layer, batch, probs, labels, grad_logits);
 }
 
