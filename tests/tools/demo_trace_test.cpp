@@ -19,6 +19,7 @@
 #include "profiler/trace_summary.hpp"
 #include "tools/model_spec.hpp"
 #include "tools/workload_runner.hpp"
+#include "support/small_sim.hpp"
 
 namespace gpuswap {
 namespace {
@@ -28,13 +29,7 @@ using nlohmann::json;
 
 constexpr std::size_t mib = std::size_t{1} << 20;
 
-sim_options small_real_device() {
-  sim_options o = sim_preset("titan-x-pcie3");
-  o.backing = sim_backing::real;
-  o.device_capacity = 256 * mib;
-  o.host_capacity = 1024 * mib;
-  return o;
-}
+using testing_support::small_real_device;
 
 // Records into the global recorder for its lifetime, and leaves it off and empty after, even
 // when an assertion returns early.

@@ -29,6 +29,7 @@
 #include "tools/workload_runner.hpp"
 
 #include "support/nvtx_test_tool.hpp"
+#include "support/small_sim.hpp"
 
 namespace gpuswap {
 namespace {
@@ -47,13 +48,7 @@ using test_tool = testing_support::nvtx_test_tool;
 
 constexpr std::size_t mib = std::size_t{1} << 20;
 
-sim_options small_real_device() {
-  sim_options o = sim_preset("titan-x-pcie3");
-  o.backing = sim_backing::real;
-  o.device_capacity = 256 * mib;
-  o.host_capacity = 1024 * mib;
-  return o;
-}
+using testing_support::small_real_device;
 
 bool is_event(const json& e) {
   const std::string call = e.at("call");

@@ -17,6 +17,7 @@
 #include "device/sim_device.hpp"
 #include "tools/model_spec.hpp"
 #include "tools/workload_runner.hpp"
+#include "support/small_sim.hpp"
 
 namespace gpuswap {
 namespace {
@@ -25,13 +26,7 @@ constexpr std::size_t mib = std::size_t{1} << 20;
 constexpr int batch = 128;  // 1 MiB activations
 constexpr int steps = 2;
 
-sim_options small_real_device() {
-  sim_options o = sim_preset("titan-x-pcie3");
-  o.backing = sim_backing::real;
-  o.device_capacity = 256 * mib;
-  o.host_capacity = 1024 * mib;
-  return o;
-}
+using testing_support::small_real_device;
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);

@@ -17,19 +17,14 @@
 #include "tools/model_spec.hpp"
 #include "tools/reference_math.hpp"
 #include "tools/training_math.hpp"
+#include "support/small_sim.hpp"
 
 namespace gpuswap {
 namespace {
 
 constexpr std::size_t mib = std::size_t{1} << 20;
 
-sim_options small_real_device() {
-  sim_options o = sim_preset("titan-x-pcie3");
-  o.backing = sim_backing::real;
-  o.device_capacity = 256 * mib;
-  o.host_capacity = 1024 * mib;
-  return o;
-}
+using testing_support::small_real_device;
 
 // memcmp, not ==: bit-identical means the same bits (a NaN would compare unequal to itself,
 // and -0 equal to +0).

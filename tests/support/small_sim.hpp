@@ -1,0 +1,19 @@
+#pragma once
+// The simulated device the training tests run their small real-math networks on: vDNN's Titan
+// X timings, real bytes, 256 MiB of device memory and 1 GiB of host memory.
+#include <cstddef>
+
+#include "device/sim_device.hpp"
+
+namespace gpuswap::testing_support {
+
+inline sim_options small_real_device() {
+  constexpr std::size_t mib = std::size_t{1} << 20;
+  sim_options o = sim_preset("titan-x-pcie3");
+  o.backing = sim_backing::real;
+  o.device_capacity = 256 * mib;
+  o.host_capacity = 1024 * mib;
+  return o;
+}
+
+}  // namespace gpuswap::testing_support
