@@ -119,9 +119,10 @@ class swap_engine final : public reclaimer {
   // Returns false (the data stays on the device, and the reason is logged and counted) when it
   // cannot: buffer acquired, not on the device, no pinned memory, or a failed device call.
   bool swap_out(buffer_id id, stream_t producer);
-  // Starts bringing the buffer back. Returns false when it is not on the host (nothing to do)
-  // or when device memory cannot be had without eviction beyond the budget (it stays on the
-  // host; acquire will fetch it on demand).
+  // Starts bringing the buffer back. Returns false when it is not on the host (nothing to do),
+  // when device memory cannot be had without eviction beyond the budget, or when the buffers
+  // the advisor says are needed sooner and are off the device would no longer fit beside it
+  // (it stays on the host; acquire will fetch it on demand).
   bool prefetch(buffer_id id);
 
   buffer_state state(buffer_id id) const;
@@ -155,6 +156,10 @@ class swap_engine final : public reclaimer {
     bool has_arrived_event = false;
     event_t departed{};          // recorded after the D2H; valid while has_departed_event
     bool has_departed_event = false;
+    // The H2D that brought the block in is not known done and no stream recorded on the block
+    // has waited for it: freeing it must record the H2D stream (Note [Guarding a block
+    // brought in] in swap_engine.cpp).
+    bool h2d_guard = false;
     int pins = 0;                // acquires not yet released
     std::uint64_t last_use = 0;  // engine tick of the last acquire (LRU)
   };
@@ -182,6 +187,9 @@ class swap_engine final : public reclaimer {
   bool swap_out_locked(buffer_id id, buffer& b, stream_t producer, bool eviction);
   void poll_locked();
   void bring_in(std::unique_lock<std::mutex>& lock, buffer_id id, bool demand);
+  // Whether bringing `id` in would leave too little of the budget for the buffers the advisor
+  // says are needed before it and are off the device (Note [Prefetch in order of need]).
+  bool crowds_sooner_needs_locked(buffer_id id) const;
   // A device block for a new or demanded buffer: what the cache and budget serve now, else
   // after the swap-outs in flight end, oldest first, else through the allocator's ladder
   // (Note [Waiting for swap-outs in order]). Call without mutex_.

@@ -291,5 +291,100 @@ TEST(swap_engine, every_fault_point_of_a_round_trip_loses_nothing) {
   }
 }
 
+// Note [Guarding a block brought in]: once the consumer has waited for a buffer's H2D, its block
+// is free for the home stream as soon as it is destroyed, whatever the H2D stream has queued
+// since (recording the H2D stream kept it pending behind the later prefetches).
+TEST(swap_engine, a_consumed_swap_in_frees_its_block_without_waiting_for_later_copies) {
+  rig r(20 * mib);  // one 20 MiB segment: a and b, and 4 MiB that fits neither
+  const buffer_id a = r.engine.create(8 * mib, r.compute);
+  r.fill(a, 1);
+  const buffer_id b = r.engine.create(8 * mib, r.compute);
+  r.fill(b, 2);
+  ASSERT_TRUE(r.engine.swap_out(a, r.compute));
+  ASSERT_TRUE(r.engine.swap_out(b, r.compute));
+  r.engine.synchronize();
+  ASSERT_TRUE(r.engine.prefetch(a));
+  void* block = r.engine.acquire(a, r.compute);  // the compute stream waits for a's H2D
+  r.engine.release(a, r.compute);
+  // A long copy queued on the H2D stream after a's, as the lookahead keeps it busy.
+  r.dev.launch(r.engine.h2d_stream(), kernel_cost{0, 0, 50e6}, nullptr, {});
+  ASSERT_TRUE(r.engine.prefetch(b));
+  r.engine.destroy(a);
+  void* again = r.alloc.try_allocate(8 * mib, r.compute);
+  EXPECT_EQ(again, block) << "a's block waited for the H2D stream's later work";
+  r.alloc.deallocate(again);
+  EXPECT_EQ(r.mismatches(b, 2), 0u);
+  r.engine.destroy(b);
+}
+
+// The other half of the rule: a buffer destroyed before anyone waited for its H2D keeps its
+// block until the copy has ended.
+TEST(swap_engine, an_unconsumed_swap_in_keeps_its_block_until_the_copy_ends) {
+  rig r(20 * mib);
+  const buffer_id a = r.engine.create(8 * mib, r.compute);
+  r.fill(a, 1);
+  const buffer_id b = r.engine.create(8 * mib, r.compute);
+  r.fill(b, 2);
+  ASSERT_TRUE(r.engine.swap_out(a, r.compute));
+  r.engine.synchronize();
+  r.dev.launch(r.engine.h2d_stream(), kernel_cost{0, 0, 50e6}, nullptr, {});
+  ASSERT_TRUE(r.engine.prefetch(a));  // its H2D waits behind the long copy
+  r.engine.destroy(a);
+  EXPECT_EQ(r.alloc.try_allocate(8 * mib, r.compute), nullptr)
+      << "the block was handed out while its H2D may still write it";
+  r.engine.synchronize();
+  r.dev.synchronize();
+  void* later = r.alloc.try_allocate(8 * mib, r.compute);
+  EXPECT_NE(later, nullptr);
+  r.alloc.deallocate(later);
+  r.engine.destroy(b);
+}
+
+// Note [Prefetch in order of need]: a prefetch that would leave too little room for a buffer
+// needed before it and still on the host waits, so that the demand fetch of the sooner one does
+// not evict it; where both fit, it goes ahead.
+TEST(swap_engine, a_prefetch_leaves_room_for_a_buffer_needed_sooner) {
+  for (const bool room_for_both : {false, true}) {
+    SCOPED_TRACE(room_for_both ? "room for both" : "room for one");
+    rig r(room_for_both ? 52 * mib : 40 * mib);
+    fixed_advisor advisor;
+    r.engine.set_advisor(&advisor);
+    const buffer_id sooner = r.engine.create(12 * mib, r.compute);
+    r.fill(sooner, 1);
+    const buffer_id later = r.engine.create(12 * mib, r.compute);
+    r.fill(later, 2);
+    advisor.next[sooner] = 5;
+    advisor.next[later] = 6;
+    ASSERT_TRUE(r.engine.swap_out(sooner, r.compute));
+    ASSERT_TRUE(r.engine.swap_out(later, r.compute));
+    r.engine.synchronize();
+    const buffer_id resident = r.engine.create(20 * mib, r.compute);
+    advisor.next[resident] = 1;
+    // 40 MiB: 20 MiB free, room for one of the 12 MiB buffers, not both; 52 MiB: 32 MiB free.
+    EXPECT_EQ(r.engine.prefetch(later), room_for_both);
+    EXPECT_EQ(r.engine.state(later), room_for_both ? buffer_state::swapping_in : buffer_state::host);
+    EXPECT_EQ(r.mismatches(sooner, 1), 0u);  // fetched on demand
+    EXPECT_EQ(r.engine.stats().evictions, 0u) << "the demand fetch evicted the prefetch";
+    r.engine.destroy(sooner);  // its last use
+    EXPECT_EQ(r.mismatches(later, 2), 0u);
+    r.engine.set_advisor(nullptr);
+    for (buffer_id id : {resident, later}) r.engine.destroy(id);
+  }
+}
+
+// Without an advisor the engine does not know which buffer is needed first: it prefetches
+// whatever fits.
+TEST(swap_engine, without_an_advisor_a_prefetch_takes_what_fits) {
+  rig r(40 * mib);  // as in the test above, without room for both
+  const buffer_id sooner = r.engine.create(12 * mib, r.compute);
+  const buffer_id later = r.engine.create(12 * mib, r.compute);
+  ASSERT_TRUE(r.engine.swap_out(sooner, r.compute));
+  ASSERT_TRUE(r.engine.swap_out(later, r.compute));
+  r.engine.synchronize();
+  const buffer_id resident = r.engine.create(20 * mib, r.compute);
+  EXPECT_TRUE(r.engine.prefetch(later));
+  for (buffer_id id : {resident, sooner, later}) r.engine.destroy(id);
+}
+
 }  // namespace
 }  // namespace gpuswap
