@@ -423,7 +423,9 @@ class runner final : public eviction_advisor {
       const int step = graph_.backward_step(l);
       current_step_ = step;
       schedule_.begin_step(phase::backward, l);
-      const std::size_t budget = alloc_.budget();
+      // The room the plan was made for (Note [Plannable budget]), so that prefetches do not
+      // take the slack the allocator needs for blocks that do not pack.
+      const std::size_t budget = plannable_budget(alloc_.budget());
       const auto allocated = static_cast<std::size_t>(alloc_.stats().allocated_bytes.all().current);
       const std::size_t free_budget = allocated < budget ? budget - allocated : 0;
       for (int t : prefetch_->issue_before(step, free_budget)) {
