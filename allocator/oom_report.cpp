@@ -19,7 +19,8 @@ std::string human_exact(std::size_t bytes) {
 //  - a request above the budget cannot be served by any amount of caching or offload;
 //  - memory reserved but unallocated after the ladder released every unused segment is held by
 //    split segments, i.e. fragmentation, which max_split_size bounds;
-//  - otherwise the live data does not fit: a bigger budget or offloading idle buffers.
+//  - otherwise the live data does not fit: a bigger budget, or offloading idle buffers unless
+//    buffers are already on the host (an offload policy is on and did what it could).
 std::string hint(const oom_report& r) {
   if (r.rounded == 0 || r.rounded > r.budget || r.requested > r.budget) {
     return fmt::format(
@@ -33,6 +34,14 @@ std::string hint(const oom_report& r) {
         "{} is reserved but unallocated (largest free block {}): the cache is fragmented; set "
         "max_split_size (GPUSWAP_CONF=\"max_split_size:...\") to keep large blocks whole; ",
         human_bytes(r.cached()), human_bytes(r.largest_free_block));
+  }
+  if (r.external && r.external->swapped_out > 0) {
+    text += fmt::format(
+        "offload is on and {} is already on the host, yet what must stay on the device does not "
+        "fit: raise device_limit if the device has room (segments are at least 2 MiB, so a "
+        "budget of a few MiB holds only a few)",
+        human_bytes(r.external->swapped_out));
+    return text;
   }
   text +=
       "raise device_limit if the device has room, or enable an offload policy "

@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
   } catch (const gpuswap::error& e) {
     std::cerr << e.what() << '\n';  // gpuswap's messages name themselves ("gpuswap ...")
     return 1;
+  } catch (const gpuswap::out_of_memory& e) {
+    std::cerr << e.what() << '\n';  // names itself too ("gpuswap: out of device memory")
+    return 1;
   } catch (const std::bad_alloc& e) {
     std::cerr << "gpuswap: " << e.what() << '\n';
     return 1;

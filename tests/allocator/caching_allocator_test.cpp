@@ -366,6 +366,11 @@ TEST_F(caching_allocator_test, oom_message_field_by_field) {
   EXPECT_EQ(field(message, "swapped out"), "1.00 GiB (1073741824 bytes)");
   EXPECT_EQ(field(message, "pinned host"),
             "1.50 GiB (1610612736 bytes) used of 4.00 GiB (4294967296 bytes) limit");
+  // Offload already moved buffers out: the hint no longer suggests turning it on.
+  EXPECT_NE(field(message, "hint").find("offload is on and 1.00 GiB is already on the host"),
+            std::string::npos)
+      << message;
+  EXPECT_EQ(field(message, "hint").find("policy:auto"), std::string::npos) << message;
   EXPECT_EQ(a.stats().num_ooms, 2u);
   a.deallocate(x);
   a.deallocate(y);
