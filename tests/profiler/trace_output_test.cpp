@@ -19,6 +19,8 @@
 #include "profiler/chrome_trace.hpp"
 #include "profiler/event_recorder.hpp"
 
+#include "support/fd_capture.hpp"
+
 namespace gpuswap {
 namespace {
 
@@ -50,41 +52,7 @@ class temp_dir {
   fs::path path_;
 };
 
-// Redirects stderr (where gpuswap::log() writes) into a temporary file for its lifetime.
-class stderr_capture {
- public:
-  stderr_capture() : file_(std::tmpfile()) {
-    std::fflush(nullptr);
-    saved_ = ::dup(2);
-    ::dup2(::fileno(file_), 2);
-  }
-  ~stderr_capture() {
-    restore();
-    std::fclose(file_);
-  }
-  stderr_capture(const stderr_capture&) = delete;
-  stderr_capture& operator=(const stderr_capture&) = delete;
-  std::string finish() {
-    restore();
-    std::string out;
-    std::rewind(file_);
-    char buffer[4096];
-    std::size_t n = 0;
-    while ((n = std::fread(buffer, 1, sizeof buffer, file_)) > 0) out.append(buffer, n);
-    return out;
-  }
-
- private:
-  void restore() {
-    if (saved_ < 0) return;
-    std::fflush(nullptr);
-    ::dup2(saved_, 2);
-    ::close(saved_);
-    saved_ = -1;
-  }
-  std::FILE* file_;
-  int saved_ = -1;
-};
+using testing_support::fd_capture;
 
 // One swap out and back of buffer `id` (on the D2H and H2D tracks) starting at t.
 void record_round_trip(event_recorder& r, double t, std::uint64_t id, std::uint64_t bytes) {
@@ -231,7 +199,7 @@ TEST(trace_output, a_path_that_cannot_be_written_is_logged_and_never_thrown) {
   temp_dir dir;
   const std::string bad = dir.file("no/such/dir/t.json");
   event_recorder rec;
-  stderr_capture err;
+  fd_capture err(2);
   EXPECT_NO_THROW({
     trace_output out(bad, {}, rec);
     record_round_trip(rec, 0, 1, 100);
@@ -249,7 +217,7 @@ TEST(trace_output, a_failed_write_is_reported_once) {
   temp_dir dir;
   const std::string bad = dir.file("no/such/dir/t.json");
   event_recorder rec;
-  stderr_capture err;
+  fd_capture err(2);
   {
     trace_output out(bad, {}, rec);
     record_round_trip(rec, 0, 1, 100);
