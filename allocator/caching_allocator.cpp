@@ -843,17 +843,13 @@ double caching_allocator::trace_time_ns() const noexcept {
 }
 
 void caching_allocator::trace_alloc(void* ptr, std::size_t size, stream_t stream) noexcept {
-  trace_event e = trace_event::marker(event_kind::alloc, trace_time_ns(), trace_track::host,
-                                      reinterpret_cast<std::uintptr_t>(ptr), size);
-  e.stream = static_cast<std::uintptr_t>(stream);
-  recorder_.record(e);
+  recorder_.record_block(event_kind::alloc, trace_time_ns(), reinterpret_cast<std::uintptr_t>(ptr),
+                         size, static_cast<std::uintptr_t>(stream));
 }
 
 void caching_allocator::trace_free(void* ptr, std::size_t size, stream_t stream) noexcept {
-  trace_event e = trace_event::marker(event_kind::free, trace_time_ns(), trace_track::host,
-                                      reinterpret_cast<std::uintptr_t>(ptr), size);
-  e.stream = static_cast<std::uintptr_t>(stream);
-  recorder_.record(e);
+  recorder_.record_block(event_kind::free, trace_time_ns(), reinterpret_cast<std::uintptr_t>(ptr),
+                         size, static_cast<std::uintptr_t>(stream));
 }
 
 void caching_allocator::trace_segment(event_kind kind, std::uintptr_t base, std::size_t size,

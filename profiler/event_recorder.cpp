@@ -28,44 +28,96 @@ namespace gpuswap {
 // with enable(false) may or may not be kept, which is all a tracer needs.
 // dropped_ is written by the producer only; the consumer reads it relaxed (a count, not a
 // publication).
+
+// Note [Compact block events]
+// Allocations and frees are most of a trace's events and all of the allocator hot path's
+// tracing cost. A 56-byte trace_event per call costs both instructions (building it, two calls
+// deep) and memory traffic: at 10,000 live blocks the ring's stream of new lines evicts the
+// allocator's own blocks and index from L2. So record_block() is inline and writes a 16-byte
+// record to a second ring of the thread: the time, and one word packing the kind, the address
+// and the size, both in 512-byte units (the allocator's rounding; others take the slow path).
+// The stream, the same call after call on one thread, is not repeated: a tag_stream record
+// goes into the ring when it changes, and the drain carries it forward to the records after.
+// A stream record that is dropped (ring full) leaves the producer's stream unchanged, so the
+// next call tries it again and no record is read with the wrong stream. Anything that does not
+// fit (another kind, an unaligned address or size, 4 GiB or more) goes to the full ring.
+//
+// Within one thread the two rings must come out in the order the thread recorded into them
+// (on the simulator every event of a step may carry the same modelled time, so time cannot
+// order them). Each full event therefore carries block_seq, the number of block records its
+// thread had written before it, and the drain merges: block records with index < block_seq go
+// before it. The drain reads the full ring's head before the block ring's, so every full
+// event it takes has all the block records before it in this drain or an earlier one. The one
+// misordering left: a full event recorded between a drain's two head reads comes out in the
+// next collect, after block records the thread wrote later; collect()'s sort by time still
+// puts it in place wherever time moves (on a GPU it always does).
+
+namespace {
+
+using recorder_detail::block_record;
+using recorder_detail::tls_cache;
+
+// A record() event and its place among the thread's block records.
+struct alignas(64) full_slot {
+  trace_event event;
+  std::uint64_t block_seq = 0;
+};
+
+}  // namespace
+
 struct event_recorder::ring {
-  explicit ring(std::size_t capacity)
-      : slots_(std::make_unique<trace_event[]>(capacity)), mask_(capacity - 1) {}
+  explicit ring(std::size_t capacity) : full(capacity), blocks(capacity) {}
 
   bool push(const trace_event& event) noexcept {
-    const std::uint64_t h = head_.load(std::memory_order_relaxed);
-    if (h - producer_tail_ > mask_) {
-      producer_tail_ = tail_.load(std::memory_order_acquire);
-      if (h - producer_tail_ > mask_) {
-        dropped_.store(dropped_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-        return false;
-      }
-    }
-    slots_[h & mask_] = event;
-    head_.store(h + 1, std::memory_order_release);
-    return true;
+    return full.push(full_slot{event, blocks.records.written()});
   }
 
-  // Consumer side; the caller holds the recorder's mutex_.
+  // Consumer side; the caller holds the recorder's mutex_. Note [Compact block events].
   void drain_into(std::vector<trace_event>* out) {
-    const std::uint64_t t = tail_.load(std::memory_order_relaxed);
-    const std::uint64_t h = head_.load(std::memory_order_acquire);
+    const std::uint64_t f0 = full.first();
+    const std::uint64_t f1 = full.last();  // before the block ring's head: see the Note
+    const std::uint64_t b0 = blocks.records.first();
+    const std::uint64_t b1 = blocks.records.last();
+    std::uint64_t b = b0;
+    auto take_blocks_until = [&](std::uint64_t end) {
+      for (; b != end; ++b) {
+        const block_record& r = blocks.records.at(b);
+        const std::uint64_t tag = r.word & 3;
+        if (tag == recorder_detail::tag_stream) {
+          blocks.consumer_stream = std::bit_cast<std::uintptr_t>(r.time_ns);
+          continue;
+        }
+        if (out == nullptr) continue;
+        const std::uint64_t unit = recorder_detail::record_unit;
+        const std::uint64_t address = (r.word >> 2 & ((std::uint64_t{1} << 39) - 1)) * unit;
+        const std::uint64_t bytes = (r.word >> (2 + recorder_detail::address_bits)) * unit;
+        trace_event e = trace_event::marker(
+            tag == recorder_detail::tag_alloc ? event_kind::alloc : event_kind::free, r.time_ns,
+            trace_track::host, address, bytes);
+        e.stream = blocks.consumer_stream;
+        out->push_back(e);
+      }
+    };
     if (out != nullptr) {
-      out->reserve(out->size() + static_cast<std::size_t>(h - t));
-      for (std::uint64_t i = t; i != h; ++i) out->push_back(slots_[i & mask_]);
+      out->reserve(out->size() + static_cast<std::size_t>((f1 - f0) + (b1 - b0)));
     }
-    tail_.store(h, std::memory_order_release);
+    for (std::uint64_t f = f0; f != f1; ++f) {
+      const full_slot& slot = full.at(f);
+      take_blocks_until(std::max(b, std::min(b1, slot.block_seq)));
+      if (out != nullptr) out->push_back(slot.event);
+    }
+    take_blocks_until(b1);
+    full.consume(f1);
+    blocks.records.consume(b1);
   }
 
-  std::uint64_t dropped() const noexcept { return dropped_.load(std::memory_order_relaxed); }
+  std::uint64_t dropped() const noexcept {
+    return full.dropped() + blocks.records.dropped();
+  }
 
-  alignas(64) std::atomic<std::uint64_t> head_{0};
-  std::uint64_t producer_tail_ = 0;  // producer's private copy of tail_
-  std::atomic<std::uint64_t> dropped_{0};
-  alignas(64) std::atomic<std::uint64_t> tail_{0};
+  spsc_ring<full_slot> full;
+  recorder_detail::block_ring blocks;
   std::atomic<bool> owner_exited_{false};
-  std::unique_ptr<trace_event[]> slots_;
-  std::uint64_t mask_;
 };
 
 namespace {
@@ -82,17 +134,13 @@ struct thread_rings {
   ~thread_rings();
 };
 
-// A one-entry cache in front of thread_rings, made of trivially destructible thread_locals so
-// the fast path has no guard and still works (by falling back to a drop) during thread exit.
-thread_local std::uint64_t tls_cached_id = 0;
-thread_local event_recorder::ring* tls_cached_ring = nullptr;
+// tls_cache (event_recorder.hpp) is a one-entry cache in front of thread_rings.
 thread_local bool tls_exiting = false;
 thread_local thread_rings tls_rings;
 
 thread_rings::~thread_rings() {
   tls_exiting = true;
-  tls_cached_id = 0;
-  tls_cached_ring = nullptr;
+  tls_cache = {};
   for (auto& entry : entries) {
     if (auto r = entry.second.lock()) r->owner_exited_.store(true, std::memory_order_release);
   }
@@ -106,13 +154,42 @@ event_recorder::event_recorder(std::size_t ring_capacity)
 
 event_recorder::~event_recorder() = default;
 
+event_recorder::ring* event_recorder::this_thread_ring() noexcept {
+  ring* r = tls_cache.recorder_id == id_ ? static_cast<ring*>(tls_cache.ring)
+                                         : find_or_register_ring();
+  if (r == nullptr) unregistered_dropped_.fetch_add(1, std::memory_order_relaxed);
+  return r;
+}
+
 void event_recorder::record_enabled(const trace_event& event) noexcept {
-  ring* r = (tls_cached_id == id_) ? tls_cached_ring : find_or_register_ring();
-  if (r == nullptr) {
-    unregistered_dropped_.fetch_add(1, std::memory_order_relaxed);
+  if (ring* r = this_thread_ring()) r->push(event);
+}
+
+// Note [Compact block events]: the first record of a thread, a change of stream, or a value
+// the 16-byte record cannot hold.
+void event_recorder::record_block_slow(event_kind kind, double time_ns, std::uintptr_t address,
+                                       std::uint64_t bytes, std::uintptr_t stream) noexcept {
+  using namespace recorder_detail;
+  ring* r = this_thread_ring();
+  if (r == nullptr) return;
+  const std::uint64_t a = address / record_unit;
+  const std::uint64_t n = bytes / record_unit;
+  const bool fits = (kind == event_kind::alloc || kind == event_kind::free) &&
+                    (address | bytes) % record_unit == 0 && a >> address_bits == 0 &&
+                    n >> bytes_bits == 0;
+  if (!fits) {
+    trace_event e = trace_event::marker(kind, time_ns, trace_track::host, address, bytes);
+    e.stream = stream;
+    r->push(e);
     return;
   }
-  r->push(event);
+  block_ring& blocks = r->blocks;
+  if (blocks.stream != stream) {
+    if (!blocks.records.push(block_record{std::bit_cast<double>(stream), tag_stream})) return;
+    blocks.stream = stream;
+  }
+  const std::uint64_t tag = kind == event_kind::alloc ? tag_alloc : tag_free;
+  blocks.records.push(block_record{time_ns, tag | a << 2 | n << (2 + address_bits)});
 }
 
 event_recorder::ring* event_recorder::find_or_register_ring() noexcept {
@@ -134,8 +211,7 @@ event_recorder::ring* event_recorder::find_or_register_ring() noexcept {
       found = fresh.get();
       tls_rings.entries.emplace_back(id_, fresh);  // cannot throw: reserved
     }
-    tls_cached_id = id_;
-    tls_cached_ring = found;
+    tls_cache = {id_, found, &found->blocks};
     return found;
   } catch (...) {
     // Out of memory (or a failed lock) while tracing must not fail the traced program.

@@ -6,6 +6,9 @@
 //   - On: record() copies the event into a ring buffer owned by the calling thread (single
 //     producer, lock-free, no allocation). A thread's first record() into a recorder registers
 //     its ring (allocates and takes the registry lock once per thread).
+//   - record_block() is the allocator's hot path (alloc and free): inline, a 16-byte record in
+//     a second ring of the same thread, expanded into a trace_event by collect() in the order
+//     the thread recorded it relative to its other events (Note [Compact block events]).
 //   - Full ring: the event is dropped and counted; the writer never waits for the reader.
 //   - collect() drains every ring, including those of threads that have exited since, and
 //     returns the events sorted by time_ns (stable: equal times keep each thread's record
@@ -19,13 +22,50 @@
 #include <mutex>
 #include <vector>
 
+#include "profiler/spsc_ring.hpp"
 #include "profiler/trace_event.hpp"
 
 namespace gpuswap {
 
+class event_recorder;
+
+namespace recorder_detail {
+
+// One record_block() event, or a change of the stream the next ones are on (Note [Compact
+// block events], event_recorder.cpp). word: bits 0-1 the tag, 2-40 address / 512, 41-63
+// bytes / 512. For a stream change, `time_ns` holds the stream's bits instead of a time.
+struct alignas(16) block_record {
+  double time_ns = 0;
+  std::uint64_t word = 0;
+};
+enum block_tag : std::uint64_t { tag_alloc = 0, tag_free = 1, tag_stream = 2 };
+inline constexpr unsigned address_bits = 39;
+inline constexpr unsigned bytes_bits = 23;
+inline constexpr std::uint64_t record_unit = 512;
+
+// A thread's block ring for one recorder, with the producer's stream state.
+struct block_ring {
+  explicit block_ring(std::size_t capacity) : records(capacity) {}
+  spsc_ring<block_record> records;
+  std::uintptr_t stream = 0;  // producer: the stream of the last record pushed
+  std::uintptr_t consumer_stream = 0;  // consumer: the same, as read so far
+};
+
+struct thread_cache {
+  std::uint64_t recorder_id = 0;  // 0: none cached
+  void* ring = nullptr;           // event_recorder::ring*
+  block_ring* blocks = nullptr;
+};
+// Constant-initialized and trivially destructible: the fast path needs no guard and works
+// (by taking the slow path) during thread exit.
+inline thread_local thread_cache tls_cache;
+
+}  // namespace recorder_detail
+
 class event_recorder {
  public:
-  // Events each thread can buffer between two collect() calls (56 bytes each).
+  // Events each thread can buffer between two collect() calls, in each of its two rings (64
+  // bytes an event from record(), 16 from record_block()).
   static constexpr std::size_t default_ring_capacity = std::size_t{1} << 14;
 
   // ring_capacity is rounded up to a power of two (at least 2).
@@ -43,6 +83,29 @@ class event_recorder {
     record_enabled(event);
   }
 
+  // An allocation (kind alloc) or free (kind free) of `bytes` at `address` on `stream`, for the
+  // allocator's hot path. collect() returns it as
+  //   trace_event::marker(kind, time_ns, trace_track::host, address, bytes) with .stream set.
+  // Inline and 16 bytes when the address and size are multiples of 512 below 256 TiB and
+  // 4 GiB and the stream is the thread's last one; a full event otherwise.
+  void record_block(event_kind kind, double time_ns, std::uintptr_t address,
+                    std::uint64_t bytes, std::uintptr_t stream) noexcept {
+    if (!enabled_.load(std::memory_order_relaxed)) return;
+    using namespace recorder_detail;
+    const thread_cache& cache = tls_cache;
+    const std::uint64_t a = address / record_unit;
+    const std::uint64_t n = bytes / record_unit;
+    if (cache.recorder_id == id_ && cache.blocks->stream == stream &&
+        (kind == event_kind::alloc || kind == event_kind::free) &&
+        (address | bytes) % record_unit == 0 && a >> address_bits == 0 &&
+        n >> bytes_bits == 0) [[likely]] {
+      const std::uint64_t tag = kind == event_kind::alloc ? tag_alloc : tag_free;
+      cache.blocks->records.push(block_record{time_ns, tag | a << 2 | n << (2 + address_bits)});
+      return;
+    }
+    record_block_slow(kind, time_ns, address, bytes, stream);
+  }
+
   // Takes every buffered event out of the recorder, sorted by time_ns (stable).
   std::vector<trace_event> collect();
   // Discards every buffered event and resets dropped() to zero.
@@ -58,6 +121,9 @@ class event_recorder {
 
  private:
   void record_enabled(const trace_event& event) noexcept;
+  void record_block_slow(event_kind kind, double time_ns, std::uintptr_t address,
+                         std::uint64_t bytes, std::uintptr_t stream) noexcept;
+  ring* this_thread_ring() noexcept;
   ring* find_or_register_ring() noexcept;
   // Requires mutex_.
   std::uint64_t total_dropped_locked() const noexcept;

@@ -101,7 +101,9 @@ double overhead_pct(const std::vector<double>& a, const std::vector<double>& b) 
 // recorder.enable between replays (every block is free then), and each repetition's ratio
 // compares runs seconds apart on the same memory. Each timed replay follows an untimed one in
 // its own mode, so that it starts from the caches its own mode leaves behind (for "on", rings
-// just written and drained), as every iteration of a training loop after the first does. "No hooks" still tests the hooks_ flag (one
+// just written), as every iteration of a training loop after the first does. What "on" costs
+// the allocating thread is the recording; collecting is trace_output's drain thread's work,
+// so the bench collects only after the timed replay. "No hooks" still tests the hooks_ flag (one
 // predictable branch); what it removes is everything the hooks do.
 
 void alloc_bench_options::validate() const {
@@ -153,10 +155,17 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
             p, ptrs, [&](std::size_t n) { return cached.allocate(n, stream); },
             [&](void* q) { cached.deallocate(q); });
       };
-      auto drain = [&](bool timed) {  // outside the timed loop; also empties the rings
+      // Outside the timed loop. After the untimed replay the rings are only emptied (clear()
+      // moves their tails and reads no slot); after the timed one they are collected.
+      // Collecting copies and sorts every event, and doing that right before a timed replay
+      // would start it on caches the collector filled, which in a traced program happens on
+      // trace_output's drain thread, not on the allocating one (Note [Tracing overhead]).
+      auto drain = [&](bool timed) {
         if (m != mode::trace_on) return;
-        if (timed) dropped += recorder.dropped();
-        events = recorder.collect().size();
+        if (timed) {
+          dropped += recorder.dropped();
+          events = recorder.collect().size();
+        }
         recorder.clear();
       };
       // An untimed replay in the same mode first, so that each timed one starts from the

@@ -53,6 +53,107 @@ TEST(EventRecorder, CollectSortsByTimeKeepingRecordOrderForTies) {
   EXPECT_TRUE(recorder.collect().empty()) << "collect takes the events out";
 }
 
+TEST(EventRecorder, BlockEventsComeOutAsAllocAndFreeMarkers) {
+  event_recorder recorder;
+  recorder.record_block(event_kind::alloc, 5, 0x1000, 512, 7);  // disabled: nothing
+  recorder.enable(true);
+  recorder.record_block(event_kind::alloc, 10, 0x7f12'3456'7800, 1536, 3);
+  recorder.record_block(event_kind::free, 20, 0x7f12'3456'7800, 1536, 3);
+  // Values the compact record cannot hold take the full ring, unchanged.
+  recorder.record_block(event_kind::alloc, 30, 0x3001, 100, 3);                      // unaligned
+  recorder.record_block(event_kind::alloc, 40, 0x4000, std::uint64_t{1} << 60, 3);   // huge
+  recorder.record_block(event_kind::alloc, 50, std::uintptr_t{1} << 50, 512, 3);     // high
+  recorder.record_block(event_kind::free, 60, 0x5000, (std::uint64_t{1} << 32) - 512, 3);
+  const auto events = recorder.collect();
+  ASSERT_EQ(events.size(), 6u);
+  EXPECT_EQ(events[0].kind, event_kind::alloc);
+  EXPECT_EQ(events[0].time_ns, 10);
+  EXPECT_EQ(events[0].buffer, 0x7f12'3456'7800u);
+  EXPECT_EQ(events[0].bytes, 1536u);
+  EXPECT_EQ(events[0].stream, 3u);
+  EXPECT_EQ(events[0].track, trace_track::host);
+  EXPECT_EQ(events[0].layer, -1);
+  EXPECT_EQ(events[1].kind, event_kind::free);
+  EXPECT_EQ(events[1].buffer, 0x7f12'3456'7800u);
+  EXPECT_EQ(events[1].stream, 3u);
+  EXPECT_EQ(events[2].buffer, 0x3001u);
+  EXPECT_EQ(events[2].bytes, 100u);
+  EXPECT_EQ(events[3].bytes, std::uint64_t{1} << 60);
+  EXPECT_EQ(events[4].buffer, std::uintptr_t{1} << 50);
+  EXPECT_EQ(events[5].kind, event_kind::free);
+  EXPECT_EQ(events[5].bytes, (std::uint64_t{1} << 32) - 512);
+  for (const trace_event& e : events) EXPECT_EQ(e.stream, 3u) << e.time_ns;
+}
+
+// The stream is written only when it changes; every record must still come out with its own,
+// also when the change was read by an earlier collect.
+TEST(EventRecorder, BlockEventsKeepTheirStreamAcrossChangesAndCollects) {
+  event_recorder recorder;
+  recorder.enable(true);
+  const std::uintptr_t streams[] = {0, 0, 9, 9, 0, 0xffff'ffff'ffff'fff1, 9};
+  std::vector<std::uintptr_t> got;
+  double t = 0;
+  for (std::uintptr_t s : streams) {
+    recorder.record_block(event_kind::alloc, ++t, 0x10000, 512, s);
+    recorder.record_block(event_kind::free, ++t, 0x10000, 512, s);
+    for (const trace_event& e : recorder.collect()) got.push_back(e.stream);
+  }
+  std::vector<std::uintptr_t> expected;
+  for (std::uintptr_t s : streams) expected.insert(expected.end(), {s, s});
+  EXPECT_EQ(got, expected);
+}
+
+// A stream change that was dropped (ring full) must not let later records through with the
+// old stream.
+TEST(EventRecorder, ADroppedStreamChangeIsWrittenAgainBeforeTheNextRecord) {
+  event_recorder recorder(4);
+  recorder.enable(true);
+  for (int i = 0; i < 4; ++i) recorder.record_block(event_kind::alloc, i, 0x1000, 512, 0);
+  recorder.record_block(event_kind::alloc, 10, 0x2000, 512, 5);  // ring full: both dropped
+  EXPECT_EQ(recorder.dropped(), 1u);
+  EXPECT_EQ(recorder.collect().size(), 4u);
+  recorder.record_block(event_kind::free, 11, 0x2000, 512, 5);
+  const auto events = recorder.collect();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].stream, 5u);
+}
+
+// Block events and full events share a modelled time on the simulator; each thread's events
+// must still come out in the order it recorded them, across both rings and across collects.
+TEST(EventRecorder, BlockEventsKeepTheirPlaceAmongOtherEventsAtEqualTimes) {
+  event_recorder recorder;
+  recorder.enable(true);
+  std::vector<std::uint64_t> expected;
+  std::vector<std::uint64_t> got;
+  std::uint64_t n = 0;
+  for (int round = 0; round < 3; ++round) {
+    // A pattern with runs of each kind: 2 full, 3 block, 1 full, 1 block, 4 full, 2 block.
+    for (int run : {2, -3, 1, -1, 4, -2}) {
+      for (int i = 0; i < (run > 0 ? run : -run); ++i) {
+        if (run > 0) {
+          recorder.record(numbered(7, n, 0));
+        } else {
+          recorder.record_block(event_kind::free, 7, n * 512, 512, 0);
+        }
+        expected.push_back(n++);
+      }
+    }
+    for (const trace_event& e : recorder.collect()) {
+      got.push_back(e.kind == event_kind::free ? e.buffer / 512 : e.buffer);
+    }
+  }
+  EXPECT_EQ(got, expected);
+}
+
+TEST(EventRecorder, FullBlockRingDropsAndCounts) {
+  event_recorder recorder(4);
+  recorder.enable(true);
+  for (int i = 0; i < 6; ++i) recorder.record_block(event_kind::alloc, i, 512, 512, 0);
+  recorder.record(numbered(9, 1, 0));  // the other ring still has room
+  EXPECT_EQ(recorder.dropped(), 2u);
+  EXPECT_EQ(recorder.collect().size(), 5u);
+}
+
 TEST(EventRecorder, CapacityIsRoundedUpToAPowerOfTwo) {
   EXPECT_EQ(event_recorder(5).ring_capacity(), 8u);
   EXPECT_EQ(event_recorder(8).ring_capacity(), 8u);
@@ -179,7 +280,13 @@ void run_concurrent(std::size_t capacity, int writers, int per_writer, bool expe
     threads.emplace_back([&, w] {
       for (int i = 0; i < per_writer; ++i) {
         // time = sequence number: within a collect() the stable sort keeps each writer's order.
-        recorder.record(numbered(i, static_cast<std::uint64_t>(w), i));
+        // Every third event goes through the compact ring: the merge must keep order too.
+        if (i % 3 == 1) {
+          recorder.record_block(event_kind::alloc, i, static_cast<std::uint64_t>(w) * 512,
+                                static_cast<std::uint64_t>(i) * 512, 0);
+        } else {
+          recorder.record(numbered(i, static_cast<std::uint64_t>(w), i));
+        }
       }
       running.fetch_sub(1, std::memory_order_release);
     });
@@ -196,11 +303,16 @@ void run_concurrent(std::size_t capacity, int writers, int per_writer, bool expe
   }
   std::vector<double> last(static_cast<std::size_t>(writers), -1);
   for (const auto& e : collected) {
-    ASSERT_LT(e.buffer, static_cast<std::uint64_t>(writers));
-    double& previous = last[e.buffer];
-    ASSERT_GT(e.value, previous) << "writer " << e.buffer << " reordered or duplicated";
-    ASSERT_EQ(e.time_ns, e.value) << "a torn slot";
-    previous = e.value;
+    // A block event carries its writer times 512 in buffer and its sequence number times 512
+    // in bytes; a full one its writer in buffer and its sequence number in value.
+    const bool block = e.kind == event_kind::alloc && e.value == 0 && e.bytes != 0;
+    const std::uint64_t writer = block ? e.buffer / 512 : e.buffer;
+    ASSERT_LT(writer, static_cast<std::uint64_t>(writers));
+    double& previous = last[writer];
+    const double seq = block ? static_cast<double>(e.bytes / 512) : e.value;
+    ASSERT_GT(seq, previous) << "writer " << e.buffer << " reordered or duplicated";
+    ASSERT_EQ(e.time_ns, seq) << "a torn slot";
+    previous = seq;
   }
   EXPECT_EQ(recorder.ring_count(), 0u);
 }
