@@ -1,14 +1,68 @@
 #include "tools/workload_graph.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 
 namespace gpuswap {
+
+// Note [A block's saved pieces]
+// A transformer block's saved activations (saved_bytes_per_sample_override: Korthikanti et al.'s
+// 34sh + 5as^2 bytes at 16 bits) are not one buffer in a framework: they are a dozen tensors,
+// each saved by one operator as forward reaches it, and read and freed by that operator's
+// backward. Modelled as one 3 GiB tensor made at the start of the block's step and freed at the
+// end of its backward step, GPT-7B under a quarter of its peak on a Titan X (parameters and
+// gradients take 25 of its 30.7 GiB) had room for one block's state and not two: each forward
+// step waited for the previous block's whole D2H (271 ms) before it could allocate, and each
+// backward step for its own whole H2D, so every policy exposed every copy (1.28x against a
+// 1.00x floor), and the planner predicted exactly that. So the graph splits the state into the
+// pieces the operators save, in six groups that run as six kernels (layer_part), each with its
+// share of the block's FLOPs: a piece can leave as soon as its operator has run, while the
+// block goes on, and the next block's pieces can come back as this block's backward frees its
+// own. The pieces and the FLOPs (s sequence, h hidden, a heads; 2 FLOPs per MAC):
+//   qkv       6sh^2   LN1 input 2sh, QKV input 2sh, Q and K 4sh, V 2sh
+//   scores    2s^2h   softmax output 2as^2, its dropout mask as^2, dropout output 2as^2
+//   context   2s^2h   output projection input 2sh
+//   proj      2sh^2   dropout mask sh, LN2 input 2sh, FC1 input 2sh
+//   fc1       8sh^2   GeLU input 8sh, FC2 input 8sh
+//   fc2       8sh^2   dropout mask sh
+// (34sh + 5as^2 in all; with flash attention the as^2 pieces are not kept). Piece ids are given
+// in the order backward needs them (last operator first), which is the order the prefetcher
+// brings back tensors needed by the same step. A layer with saved state that is not a
+// transformer keeps one piece made by one kernel.
 
 namespace {
 
 void add_use(tensor_info& t, int step) {
   auto it = std::lower_bound(t.use_steps.begin(), t.use_steps.end(), step);
   if (it == t.use_steps.end() || *it != step) t.use_steps.insert(it, step);
+}
+
+struct piece_spec {
+  const char* name;
+  std::size_t sh, as2;  // 16-bit bytes: sh * s * h + as2 * a * s * s
+};
+struct part_spec {
+  double sh2, s2h;  // FLOPs: sh2 * s*h*h + s2h * s*s*h
+  std::vector<piece_spec> pieces;
+};
+
+std::size_t piece_bytes(const piece_spec& piece, std::size_t s, std::size_t h, std::size_t a,
+                        std::size_t dtype_bytes, std::size_t batch) {
+  return (piece.sh * s * h + piece.as2 * a * s * s) * dtype_bytes / 2 * batch;
+}
+
+// Note [A block's saved pieces].
+const std::vector<part_spec>& transformer_parts() {
+  static const std::vector<part_spec> parts = {
+      {6, 0, {{"ln1_in", 2, 0}, {"qkv_in", 2, 0}, {"q_k", 4, 0}, {"v", 2, 0}}},
+      {0, 2, {{"softmax", 0, 2}, {"attn_dropout_mask", 0, 1}, {"attn_dropout_out", 0, 2}}},
+      {0, 2, {{"proj_in", 2, 0}}},
+      {2, 0, {{"proj_dropout_mask", 1, 0}, {"ln2_in", 2, 0}, {"fc1_in", 2, 0}}},
+      {8, 0, {{"gelu_in", 8, 0}, {"fc2_in", 8, 0}}},
+      {8, 0, {{"mlp_dropout_mask", 1, 0}}},
+  };
+  return parts;
 }
 
 }  // namespace
@@ -38,15 +92,48 @@ workload_graph build_workload_graph(const model_spec& model, int batch) {
   // The network input exists before the first step; it is "produced" by step 0.
   g.input_tensor = new_tensor(model.input_elems_per_sample() * b * dt, 0, "input");
   g.output_tensor.assign(model.layers.size(), workload_graph::no_tensor);
-  g.state_tensor.assign(model.layers.size(), workload_graph::no_tensor);
+  g.parts.assign(model.layers.size(), {});
   for (const layer_spec& layer : model.layers) {
     const int l = layer.index;
     g.output_tensor[static_cast<std::size_t>(l)] =
         new_tensor(layer.out_elems_per_sample * b * dt, g.forward_step(l), layer.name + ".out");
-    if (layer.saved_bytes_per_sample_override > 0) {
-      g.state_tensor[static_cast<std::size_t>(l)] = new_tensor(
-          layer.saved_bytes_per_sample_override * b, g.forward_step(l), layer.name + ".saved");
+    if (layer.saved_bytes_per_sample_override == 0) continue;
+    const std::size_t total = layer.saved_bytes_per_sample_override * b;
+    std::vector<layer_part>& parts = g.parts[static_cast<std::size_t>(l)];
+    if (layer.op == layer_kind::transformer && layer.seq > 0 && layer.hidden > 0 && layer.heads > 0) {
+      // Note [A block's saved pieces]
+      const auto sq = static_cast<std::size_t>(layer.seq), h = static_cast<std::size_t>(layer.hidden);
+      const auto a = static_cast<std::size_t>(layer.heads);
+      const double sd = static_cast<double>(sq), hd = static_cast<double>(h);
+      const std::vector<part_spec>& spec = transformer_parts();
+      double flops = 0;
+      std::size_t made = 0;
+      for (const part_spec& ps : spec) {
+        flops += ps.sh2 * sd * hd * hd + ps.s2h * sd * sd * hd;
+        for (const piece_spec& piece : ps.pieces) {
+          if (piece.as2 == 0 || !layer.flash_attention) made += piece_bytes(piece, sq, h, a, dt, b);
+        }
+      }
+      // The 16-bit formula rounds for other widths; what it rounds away stays in the last
+      // piece made, so that the pieces add up to the layer's saved bytes.
+      if (made <= total) {
+        parts.resize(spec.size());
+        int last = workload_graph::no_tensor;
+        for (std::size_t k = spec.size(); k-- > 0;) {  // ids in the order backward needs them
+          parts[k].share = (spec[k].sh2 * sd * hd * hd + spec[k].s2h * sd * sd * hd) / flops;
+          for (std::size_t i = spec[k].pieces.size(); i-- > 0;) {
+            const piece_spec& piece = spec[k].pieces[i];
+            if (piece.as2 != 0 && layer.flash_attention) continue;
+            last = new_tensor(piece_bytes(piece, sq, h, a, dt, b), g.forward_step(l),
+                              fmt::format("{}.saved.{}", layer.name, piece.name));
+            parts[k].saved.push_back(last);
+          }
+        }
+        p.tensors[static_cast<std::size_t>(last)].bytes += total - made;
+        continue;
+      }
     }
+    parts.push_back(layer_part{1.0, {new_tensor(total, g.forward_step(l), layer.name + ".saved")}});
   }
 
   for (const layer_spec& layer : model.layers) {
@@ -59,8 +146,8 @@ workload_graph build_workload_graph(const model_spec& model, int batch) {
     }
     tensor_info& out = p.tensors[static_cast<std::size_t>(g.output_tensor[static_cast<std::size_t>(l)])];
     if (layer.backward_needs_output) add_use(out, g.backward_step(l));
-    if (const int s = g.state_tensor[static_cast<std::size_t>(l)]; s != workload_graph::no_tensor) {
-      add_use(p.tensors[static_cast<std::size_t>(s)], g.backward_step(l));
+    for (const layer_part& part : g.parts[static_cast<std::size_t>(l)]) {
+      for (int s : part.saved) add_use(p.tensors[static_cast<std::size_t>(s)], g.backward_step(l));
     }
 
     // Costs: FLOPs from the spec; memory traffic reads the inputs and parameters and writes

@@ -5,8 +5,9 @@
 //
 // Tensors: the network input; each layer's output; and, for layers that keep their own state for
 // backward (a transformer block's saved activations, saved_bytes_per_sample_override), that
-// state. Error signals (gradients of tensors) are not tensors here: they are short-lived scratch
-// the runner allocates in backward and frees as soon as they are consumed.
+// state, as the pieces its operators save (Note [A block's saved pieces] in workload_graph.cpp).
+// Error signals (gradients of tensors) are not tensors here: they are short-lived scratch the
+// runner allocates in backward and frees as soon as they are consumed.
 #include <cstddef>
 #include <vector>
 
@@ -16,6 +17,14 @@
 
 namespace gpuswap {
 
+// One operator of a layer whose step the runner carries out as several kernels: its share of
+// the step's cost (forward and backward alike) and the state pieces it saves in forward, which
+// its backward reads and then frees.
+struct layer_part {
+  double share = 1;
+  std::vector<int> saved;  // tensor ids
+};
+
 struct workload_graph {
   static constexpr int no_tensor = -1;
 
@@ -23,7 +32,9 @@ struct workload_graph {
   int layers = 0;
   workload_profile profile;
   std::vector<int> output_tensor;  // per layer: its output tensor
-  std::vector<int> state_tensor;   // per layer: its saved-state tensor, or no_tensor
+  // Per layer: its operators in forward order (backward runs them in reverse); empty for a
+  // layer that keeps no state of its own, which runs as one kernel each way.
+  std::vector<std::vector<layer_part>> parts;
   int input_tensor = no_tensor;    // the network input
   std::vector<kernel_cost> forward_cost;   // per layer
   std::vector<kernel_cost> backward_cost;  // per layer
