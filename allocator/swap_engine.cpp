@@ -59,8 +59,11 @@ namespace gpuswap {
 // an eviction is a mark after its swap_out range, and a stall a mark emitted when poll
 // finds that a consumer waited longer than the threshold (the wait itself is on the device, on
 // no host thread's row). The copies themselves appear on the copy streams' rows of Nsight's CUDA
-// trace. A library should not rename its host's threads, so the engine names a calling thread's
-// row only when swap_engine_options::nvtx_thread_name asks it to, once per thread.
+// trace; the engine names those two streams (device::name_stream: NVTX's name for a CUDA
+// stream), and Nsight Systems projects the NVTX ranges around each copy's enqueueing onto the
+// stream row the copy ran on, so the swap ranges appear on the copy streams' rows too. A
+// library should not rename its host's threads, so the engine names a calling thread's row
+// only when swap_engine_options::nvtx_thread_name asks it to, once per thread.
 
 namespace {
 
@@ -83,6 +86,9 @@ swap_engine::swap_engine(device& dev, caching_allocator& alloc, pinned_host_pool
     : dev_(dev), alloc_(alloc), host_pool_(host_pool), opts_(options), timeline_(timeline) {
   d2h_ = dev_.create_stream(stream_priority::high);
   h2d_ = dev_.create_stream(stream_priority::high);
+  // Note [NVTX in the engine]: the rows the copies run on, by name in Nsight Systems.
+  dev_.name_stream(d2h_, "gpuswap swap-out (D2H)");
+  dev_.name_stream(h2d_, "gpuswap swap-in (H2D)");
   alloc_.add_reclaimer(this);
 }
 

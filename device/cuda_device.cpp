@@ -4,6 +4,9 @@
 #include <cudaTypedefs.h>
 
 #include <fmt/format.h>
+#if GPUSWAP_DEVICE_NVTX
+#include <nvtx3/nvToolsExtCudaRt.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -363,6 +366,16 @@ memory_info cuda_device::memory() const {
 }
 
 // --- streams --------------------------------------------------------------------------------
+
+void cuda_device::name_stream(stream_t stream, const char* name) noexcept {
+#if GPUSWAP_DEVICE_NVTX
+  // Without a tool attached this is NVTX's empty stub: nothing to gate.
+  if (name != nullptr) nvtxNameCudaStreamA(to_native(stream), name);
+#else
+  (void)stream;
+  (void)name;
+#endif
+}
 
 stream_t cuda_device::create_stream(stream_priority priority) {
   // CUDA numbers priorities downwards: greatest_priority_ <= least_priority_. "normal" is the

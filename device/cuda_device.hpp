@@ -61,6 +61,7 @@ class cuda_device final : public device {
   stream_t wrap_native_stream(void* native) override;
   void* native_stream(stream_t stream) const override;
   void destroy_stream(stream_t stream) noexcept override;
+  void name_stream(stream_t stream, const char* name) noexcept override;
   stream_t default_stream() override;
   void synchronize_stream(stream_t stream) override;
   void synchronize() override;

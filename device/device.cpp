@@ -14,6 +14,8 @@ std::int64_t steady_now_ns() {
 
 device::device() : created_steady_ns_(steady_now_ns()) {}
 
+void device::name_stream(stream_t, const char*) noexcept {}
+
 double device::host_time_ns() const {
   return static_cast<double>(steady_now_ns() - created_steady_ns_);
 }

@@ -95,6 +95,10 @@ class device {
   virtual stream_t wrap_native_stream(void* native) = 0;
   virtual void* native_stream(stream_t stream) const = 0;
   virtual void destroy_stream(stream_t stream) noexcept = 0;
+  // Labels the stream's row in profilers: on CUDA, NVTX's name for the stream (Nsight Systems
+  // shows it on the stream's row, with the NVTX ranges around its work projected there); on the
+  // simulator, the stream and its worker thread. Best effort: never throws, no-op by default.
+  virtual void name_stream(stream_t stream, const char* name) noexcept;
   // The stream used when a caller names none (CUDA's legacy default stream).
   virtual stream_t default_stream() = 0;
   virtual void synchronize_stream(stream_t stream) = 0;

@@ -1,5 +1,7 @@
 #include "device/sim_device.hpp"
 
+#include <pthread.h>
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -65,6 +67,7 @@ struct interval {
 struct sim_stream {
   std::uintptr_t id = 0;
   double tail_ns = 0;  // guarded by impl::sched_mutex_
+  std::string name;    // guarded by impl::sched_mutex_ (name_stream)
 
   std::mutex mutex;  // guards queue, stop, enqueued, completed; never held while running an op
   std::condition_variable cv;
@@ -538,6 +541,29 @@ stream_t sim_device::wrap_native_stream(void* native) {
 
 void* sim_device::native_stream(stream_t stream) const {
   return reinterpret_cast<void*>(static_cast<std::uintptr_t>(stream));
+}
+
+void sim_device::name_stream(stream_t stream, const char* name) noexcept {
+  if (name == nullptr) return;
+  try {
+    std::lock_guard lock(impl_->sched_mutex);
+    auto it = impl_->streams.find(static_cast<std::uintptr_t>(stream));
+    if (it == impl_->streams.end()) return;
+    it->second->name = name;
+    // Linux keeps 15 characters of a thread's name; debuggers and perf show it.
+    const std::string thread_name = it->second->name.substr(0, 15);
+    if (it->second->worker.joinable()) {
+      pthread_setname_np(it->second->worker.native_handle(), thread_name.c_str());
+    }
+  } catch (...) {
+    // A label is not worth failing for (allocation, or a lock error).
+  }
+}
+
+std::string sim_device::stream_name(stream_t stream) const {
+  std::lock_guard lock(impl_->sched_mutex);
+  auto it = impl_->streams.find(static_cast<std::uintptr_t>(stream));
+  return it == impl_->streams.end() ? std::string() : it->second->name;
 }
 
 void sim_device::destroy_stream(stream_t stream) noexcept {

@@ -127,6 +127,9 @@ class sim_device final : public device {
   stream_t wrap_native_stream(void* native) override;
   void* native_stream(stream_t stream) const override;
   void destroy_stream(stream_t stream) noexcept override;
+  void name_stream(stream_t stream, const char* name) noexcept override;
+  // What name_stream last called it; "" if never named or not a stream of this device.
+  std::string stream_name(stream_t stream) const;
   stream_t default_stream() override;
   void synchronize_stream(stream_t stream) override;
   void synchronize() override;

@@ -146,6 +146,7 @@ class runner final : public eviction_advisor {
                    });
     alloc_.set_external_memory_reporter([this] { return engine_.memory_report(); });
     schedule_.set_timeline(&timeline_);
+    dev_.name_stream(compute_, "gpuswap compute");
     engine_.set_advisor(this);
     // Note [Parts of a step]
     parts_ = graph_.parts;

@@ -68,6 +68,12 @@ struct rig {
   stream_t compute{};
 };
 
+TEST(swap_engine, names_its_copy_streams_for_profilers) {
+  rig r;
+  EXPECT_EQ(r.dev.stream_name(r.engine.d2h_stream()), "gpuswap swap-out (D2H)");
+  EXPECT_EQ(r.dev.stream_name(r.engine.h2d_stream()), "gpuswap swap-in (H2D)");
+}
+
 TEST(swap_engine, round_trip_keeps_every_byte_and_frees_the_device_block) {
   rig r;
   const buffer_id id = r.engine.create(8 * mib, r.compute, 3);

@@ -28,6 +28,20 @@ sim_options small_real() {
   return o;
 }
 
+TEST(sim_device_streams, name_stream_labels_a_stream_and_ignores_unknown_ones) {
+  sim_device d(small_real());
+  const stream_t s = d.create_stream(stream_priority::high);
+  EXPECT_EQ(d.stream_name(s), "");
+  d.name_stream(s, "gpuswap D2H copies");
+  EXPECT_EQ(d.stream_name(s), "gpuswap D2H copies");
+  d.name_stream(s, nullptr);  // ignored
+  EXPECT_EQ(d.stream_name(s), "gpuswap D2H copies");
+  d.name_stream(stream_t{12345}, "nobody");  // not a stream of this device: ignored
+  EXPECT_EQ(d.stream_name(stream_t{12345}), "");
+  d.destroy_stream(s);
+  EXPECT_EQ(d.stream_name(s), "");
+}
+
 TEST(sim_device_clock, copy_on_idle_engine_takes_latency_plus_bytes_over_bandwidth) {
   sim_device d(small_real());
   void* dev = d.allocate_device(8 * mib);
