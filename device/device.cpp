@@ -1,23 +1,16 @@
 #include "device/device.hpp"
 
-#include <chrono>
+#include "core/fast_clock.hpp"
 
 namespace gpuswap {
 
-namespace {
-std::int64_t steady_now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-}  // namespace
-
-device::device() : created_steady_ns_(steady_now_ns()) {}
+// Note [Fast clock] (core/fast_clock.cpp): every traced allocation on a GPU reads this clock.
+device::device() : created_ns_(fast_clock_ns()) {}
 
 void device::name_stream(stream_t, const char*) noexcept {}
 
 double device::host_time_ns() const {
-  return static_cast<double>(steady_now_ns() - created_steady_ns_);
+  return static_cast<double>(fast_clock_ns() - created_ns_);
 }
 
 std::string_view to_string(copy_kind kind) noexcept {

@@ -129,16 +129,16 @@ class device {
 
   // --- time -------------------------------------------------------------------------------
   // The host's clock in nanoseconds since the device was made: wall time on a real GPU
-  // (steady_clock), the modelled host clock on the simulator. Profiler timestamps use it, and
-  // device-side times are placed on it through elapsed_ms from an event recorded at a known
-  // host time.
+  // (core/fast_clock: steady_clock's rate, cheaper to read), the modelled host clock on the
+  // simulator. Profiler timestamps use it, and device-side times are placed on it through
+  // elapsed_ms from an event recorded at a known host time.
   virtual double host_time_ns() const;
 
  protected:
   device();
 
  private:
-  std::int64_t created_steady_ns_;
+  std::int64_t created_ns_;
 };
 
 }  // namespace gpuswap

@@ -149,7 +149,17 @@ class sim_device final : public device {
   const sim_options& options() const noexcept;
   // The host's modelled clock, in nanoseconds since construction.
   double now_ns() const;
-  double host_time_ns() const override { return now_ns(); }
+  // The modelled clock, or the host's wall clock after set_wall_clock_timestamps(true).
+  double host_time_ns() const override {
+    return wall_clock_timestamps_.load(std::memory_order_relaxed) ? device::host_time_ns()
+                                                                   : now_ns();
+  }
+  // Makes host_time_ns() read the wall clock as cuda_device's does (core/fast_clock), while the
+  // model keeps its own time. For `gpuswap bench alloc`, which measures what a profiler
+  // timestamp costs the allocator on a GPU, where each traced call reads that clock.
+  void set_wall_clock_timestamps(bool on) noexcept {
+    wall_clock_timestamps_.store(on, std::memory_order_relaxed);
+  }
   // Modelled host work: the host clock moves on by `ns`.
   void advance_host_ns(double ns);
   // Modelled completion time of the event's last record (0 if never recorded).
@@ -178,6 +188,7 @@ class sim_device final : public device {
  private:
   struct impl;
   std::unique_ptr<impl> impl_;
+  std::atomic<bool> wall_clock_timestamps_{false};
 };
 
 }  // namespace gpuswap

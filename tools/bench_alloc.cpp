@@ -144,12 +144,14 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
     const stream_t stream = cached_dev->default_stream();
     auto passthrough_dev = phantom_device(p);
 
-    enum class mode { no_hooks, trace_off, trace_on };
+    enum class mode { no_hooks, trace_off, trace_on, trace_on_wall_clock };
     std::uint64_t dropped = 0;
     std::uint64_t events = 0;
     auto run_gpuswap = [&](mode m) {
+      const bool on = m == mode::trace_on || m == mode::trace_on_wall_clock;
       cached.set_trace_hooks(m != mode::no_hooks);
-      recorder.enable(m == mode::trace_on);
+      cached_dev->set_wall_clock_timestamps(m == mode::trace_on_wall_clock);
+      recorder.enable(on);
       auto once = [&] {
         return replay(
             p, ptrs, [&](std::size_t n) { return cached.allocate(n, stream); },
@@ -161,7 +163,7 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
       // would start it on caches the collector filled, which in a traced program happens on
       // trace_output's drain thread, not on the allocating one (Note [Tracing overhead]).
       auto drain = [&](bool timed) {
-        if (m != mode::trace_on) return;
+        if (!on) return;
         if (timed) {
           dropped += recorder.dropped();
           events = recorder.collect().size();
@@ -176,6 +178,7 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
       const timing t = once();
       drain(true);
       recorder.enable(false);
+      cached_dev->set_wall_clock_timestamps(false);
       return t;
     };
     auto run_malloc = [&] {
@@ -193,22 +196,22 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
     run_malloc();
     run_passthrough();
     dropped = 0;
-    // The three tracing modes run back to back in each of their six orders in turn, so that
-    // none always runs first, or on the cache state another one left.
-    static constexpr mode orders[6][3] = {
-        {mode::no_hooks, mode::trace_off, mode::trace_on},
-        {mode::trace_on, mode::no_hooks, mode::trace_off},
-        {mode::trace_off, mode::trace_on, mode::no_hooks},
-        {mode::trace_on, mode::trace_off, mode::no_hooks},
-        {mode::no_hooks, mode::trace_on, mode::trace_off},
-        {mode::trace_off, mode::no_hooks, mode::trace_on}};
-    std::vector<double> g, m, d, gc, mc, dc, b, bc, t, tc;
+    // The four tracing modes run back to back in a rotating order, forwards and backwards in
+    // turn, so that none always runs first, or always after the same one.
+    constexpr int modes = 4;
+    std::vector<double> g, m, d, gc, mc, dc, b, bc, t, tc, w, wc;
     for (int r = 0; r < options.repetitions; ++r) {
-      timing by_mode[3]{};
-      for (mode md : orders[r % 6]) by_mode[static_cast<int>(md)] = run_gpuswap(md);
+      timing by_mode[modes]{};
+      for (int i = 0; i < modes; ++i) {
+        const int k = (r / 2 + (r % 2 == 0 ? i : modes - 1 - i)) % modes;
+        by_mode[k] = run_gpuswap(static_cast<mode>(k));
+      }
       const timing tb = by_mode[static_cast<int>(mode::no_hooks)];
       const timing tg = by_mode[static_cast<int>(mode::trace_off)];
       const timing tt = by_mode[static_cast<int>(mode::trace_on)];
+      const timing tw = by_mode[static_cast<int>(mode::trace_on_wall_clock)];
+      w.push_back(tw.wall_ns);
+      wc.push_back(tw.cpu_ns);
       const timing tm = run_malloc();
       const timing td = run_passthrough();
       g.push_back(tg.wall_ns);
@@ -232,6 +235,10 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
     row.trace_on_overhead_pct = overhead_pct(t, b);
     row.trace_off_overhead_cpu_pct = overhead_pct(gc, bc);
     row.trace_on_overhead_cpu_pct = overhead_pct(tc, bc);
+    row.traced_wall_clock_ns = median(w);
+    row.traced_wall_clock_cpu_ns = median(wc);
+    row.trace_on_wall_clock_overhead_pct = overhead_pct(w, b);
+    row.trace_on_wall_clock_overhead_cpu_pct = overhead_pct(wc, bc);
     row.traced_events = events;
     row.trace_dropped = dropped;
     results.push_back(row);
@@ -258,6 +265,11 @@ nlohmann::json to_json(const alloc_bench_options& options,
                     {"trace_on_overhead_pct", r.trace_on_overhead_pct},
                     {"trace_off_overhead_cpu_pct", r.trace_off_overhead_cpu_pct},
                     {"trace_on_overhead_cpu_pct", r.trace_on_overhead_cpu_pct},
+                    {"traced_wall_clock_ns", r.traced_wall_clock_ns},
+                    {"traced_wall_clock_cpu_ns", r.traced_wall_clock_cpu_ns},
+                    {"trace_on_wall_clock_overhead_pct", r.trace_on_wall_clock_overhead_pct},
+                    {"trace_on_wall_clock_overhead_cpu_pct",
+                     r.trace_on_wall_clock_overhead_cpu_pct},
                     {"traced_events", r.traced_events},
                     {"trace_dropped", r.trace_dropped}});
   }
@@ -274,7 +286,9 @@ nlohmann::json to_json(const alloc_bench_options& options,
           {"tracing",
            "one caching_allocator replays in three modes: gpuswap_* = trace off (hooks "
            "present, recorder disabled); no_hooks_* = set_trace_hooks(false); traced_* = "
-           "recorder enabled. "
+           "recorder enabled, timestamps from the simulator's modelled clock; "
+           "traced_wall_clock_* = the same with host-clock timestamps (core/fast_clock), as "
+           "on a GPU. "
            "*_overhead_pct: median over repetitions of (run / no-hooks run of the same "
            "repetition) - 1, in percent"},
           {"trace_off_overhead_target_pct", trace_off_overhead_target_pct},
@@ -295,14 +309,20 @@ std::string format_alloc_bench_table(const std::vector<alloc_bench_result>& resu
       "\ntracing overhead on the gpuswap hot path vs no hooks, thread CPU ns per pair "
       "(median); % = median of paired ratios, CPU (wall); targets: off < {:.0f}%, on < {:.0f}%\n",
       trace_off_overhead_target_pct, trace_on_overhead_target_pct);
-  out += fmt::format("{:>8}  {:>9} {:>9} {:>9}  {:>17} {:>17} {:>8}\n", "live", "no hooks",
-                     "trace off", "trace on", "off %", "on %", "dropped");
+  out += fmt::format("{:>8}  {:>9} {:>9} {:>9} {:>9}  {:>17} {:>17} {:>17} {:>8}\n", "live",
+                     "no hooks", "trace off", "trace on", "on, wall", "off %", "on %",
+                     "on, wall %", "dropped");
   for (const alloc_bench_result& r : results) {
-    out += fmt::format("{:>8}  {:>9.1f} {:>9.1f} {:>9.1f}  {:>7.2f}% ({:>6.2f}%) {:>7.2f}% ({:>6.2f}%) {:>8}\n",
-                       r.live, r.no_hooks_cpu_ns, r.gpuswap_cpu_ns, r.traced_cpu_ns,
-                       r.trace_off_overhead_cpu_pct, r.trace_off_overhead_pct,
-                       r.trace_on_overhead_cpu_pct, r.trace_on_overhead_pct, r.trace_dropped);
+    out += fmt::format(
+        "{:>8}  {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f}  {:>7.2f}% ({:>6.2f}%) {:>7.2f}% ({:>6.2f}%) "
+        "{:>7.2f}% ({:>6.2f}%) {:>8}\n",
+        r.live, r.no_hooks_cpu_ns, r.gpuswap_cpu_ns, r.traced_cpu_ns, r.traced_wall_clock_cpu_ns,
+        r.trace_off_overhead_cpu_pct, r.trace_off_overhead_pct, r.trace_on_overhead_cpu_pct,
+        r.trace_on_overhead_pct, r.trace_on_wall_clock_overhead_cpu_pct,
+        r.trace_on_wall_clock_overhead_pct, r.trace_dropped);
   }
+  out += "on: timestamps from the simulator's modelled clock (free to read); on, wall: from "
+         "the host clock that every traced call reads on a GPU (core/fast_clock)\n";
   return out;
 }
 

@@ -15,7 +15,10 @@
 //   no hooks     set_trace_hooks(false): the recorder and NVTX hooks do nothing at all
 //   trace off    the default ("gpuswap" above): hooks present, recorder disabled
 //   trace on     hooks present, recorder enabled (a private recorder whose rings hold a whole
-//                replay, cleared between repetitions, so no event is dropped; drops are counted)
+//                replay, cleared between repetitions, so no event is dropped; drops are counted),
+//                timestamps from the simulator's modelled clock (free to read)
+//   on, wall     the same with timestamps from the host clock (core/fast_clock), as on a GPU
+//                (sim_device::set_wall_clock_timestamps): what tracing costs there
 // Overheads are the median over repetitions of each repetition's ratio to the no-hooks run of
 // the same repetition (the three run back to back, in rotating order), minus one, in percent.
 #include <cstddef>
@@ -57,10 +60,14 @@ struct alloc_bench_result {
   double traced_ns = 0;
   double no_hooks_cpu_ns = 0;
   double traced_cpu_ns = 0;
+  double traced_wall_clock_ns = 0;  // trace on, wall-clock timestamps
+  double traced_wall_clock_cpu_ns = 0;
   double trace_off_overhead_pct = 0;  // wall-clock
   double trace_on_overhead_pct = 0;
   double trace_off_overhead_cpu_pct = 0;  // thread CPU time: the figure to trust on a busy host
   double trace_on_overhead_cpu_pct = 0;
+  double trace_on_wall_clock_overhead_pct = 0;
+  double trace_on_wall_clock_overhead_cpu_pct = 0;
   std::uint64_t traced_events = 0;  // recorded per timed repetition (last one)
   std::uint64_t trace_dropped = 0;  // summed over all repetitions; 0 unless rings overflowed
 };
@@ -74,7 +81,8 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
 // {"pattern", "min_size", "max_size", "repetitions", "seed", "unit", ...,
 //  "results": [{"live", "gpuswap_ns", "malloc_ns", "passthrough_ns", "gpuswap_cpu_ns", ...,
 //               "no_hooks_ns", "traced_ns", "trace_off_overhead_pct", "trace_on_overhead_pct",
-//               "trace_off_overhead_cpu_pct", "trace_on_overhead_cpu_pct", "trace_dropped"}]}
+//               "trace_off_overhead_cpu_pct", "trace_on_overhead_cpu_pct",
+//               "traced_wall_clock_ns", "trace_on_wall_clock_overhead_pct", ..., "trace_dropped"}]}
 nlohmann::json to_json(const alloc_bench_options& options,
                        const std::vector<alloc_bench_result>& results);
 
