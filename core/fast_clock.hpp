@@ -5,8 +5,9 @@
 
 namespace gpuswap {
 
-// Nanoseconds since an arbitrary origin fixed for the process. Monotonic, and runs at
-// steady_clock's rate (to the calibration's precision, a few parts in 10^5).
+// Nanoseconds since an arbitrary origin fixed for the process. Monotonic, across threads too (a
+// value read after seeing another thread's is not smaller), and runs at steady_clock's rate (to
+// the calibration's precision, a part in 10^4 or better).
 std::int64_t fast_clock_ns() noexcept;
 
 // True when fast_clock_ns() reads the CPU's time-stamp counter, false when it falls back to
