@@ -47,6 +47,41 @@ class block_pool {
   }
   bool contains(const block& b) const noexcept;
 
+  // Fast bins of the small pool (Note [Deferred coalescing], caching_allocator.cpp).
+  // Preconditions of push_deferred: kind() == small, b.state == deferred, add_stream done.
+  void push_deferred(block& b) noexcept { bins_of(b.stream)->push_deferred(b); }
+  // A deferred block of `stream` of exactly `size` (a rounded small request), or {nullptr, 0}.
+  size_class_bins::deferred_block pop_deferred(stream_t stream, std::size_t size) noexcept {
+    size_class_bins* bins = bins_of(stream);
+    return bins != nullptr ? bins->pop_deferred(size) : size_class_bins::deferred_block{};
+  }
+  std::size_t deferred_size(stream_t stream) const noexcept {
+    const size_class_bins* bins = bins_of(stream);
+    return bins != nullptr ? bins->deferred_size() : 0;
+  }
+  // Unlinks the deferred blocks of `stream` and calls f(block&) on each.
+  template <typename F>
+  void drain_deferred(stream_t stream, F&& f) {
+    if (size_class_bins* bins = bins_of(stream)) bins->drain_deferred(f);
+  }
+  template <typename F>
+  void drain_all_deferred(F&& f) {
+    for (const auto& bins : bins_) bins->drain_deferred(f);
+  }
+  bool deferred_links_consistent() const noexcept {
+    for (const auto& bins : bins_) {
+      if (!bins->deferred_links_consistent()) return false;
+    }
+    return true;
+  }
+  // f(stream of the fast bin, block).
+  template <typename F>
+  void for_each_deferred(F&& f) const {
+    for (const auto& bins : bins_) {
+      bins->for_each_deferred([&](const block& b) { f(bins->stream(), b); });
+    }
+  }
+
   // The smallest free block of `stream` with size >= `size`, or nullptr. Follows PyTorch's
   // max_split_size rule: a request below max_split_size never takes a block of max_split_size
   // or more (those are kept whole for large requests), and a request of max_split_size or more

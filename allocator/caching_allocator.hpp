@@ -15,6 +15,9 @@
 //   - Before failing, allocate frees unused cached segments, waits for pending frees, and asks
 //     the registered reclaimers (the swap engine) to evict; then it throws out_of_memory with
 //     a message that says where the memory is.
+//   - A freed small block waits, unmerged, for a request of its exact size on its stream (a
+//     "fast bin"); it is merged with its free neighbours when a request misses, and before
+//     segments are released. It is free memory in every figure.
 //   - Every method is thread-safe. deallocate is noexcept.
 #include <condition_variable>
 #include <cstddef>
@@ -53,6 +56,11 @@ struct caching_allocator_options {
   // just their output: the baseline `gpuswap bench alloc` measures their cost against. Leave
   // it on everywhere else. See Note [Profiling hooks].
   bool trace_hooks = true;
+  // At most this many freed small-pool blocks wait unmerged in the fast bins for a request of
+  // their exact size (Note [Deferred coalescing]); beyond it a free merges at once. 0 turns
+  // the fast bins off. It bounds how long one consolidation can take and how many pieces
+  // the free memory may be in; the memory itself is never lost (a miss consolidates first).
+  std::size_t fast_bin_limit = std::size_t{1} << 17;
 
   // Throws config_error naming the field.
   void validate() const;
@@ -102,7 +110,8 @@ class caching_allocator {
   void reset_peak_stats();
   // {"device", "budget", "stats", "segments": [{"address", "size", "pool", "stream",
   //  "blocks": [{"address", "size", "requested", "state", "stream"}]}]}; states use PyTorch's
-  // names: "active_allocated", "active_pending_free", "inactive".
+  // names: "active_allocated", "active_pending_free", "inactive". Two "inactive" blocks can be
+  // neighbours while one of them waits in a fast bin (Note [Deferred coalescing]).
   nlohmann::json snapshot() const;
 
   // Reclaimers are asked, in registration order, when the cache cannot serve a request.
@@ -187,7 +196,14 @@ class caching_allocator {
   block* new_segment(std::unique_lock<std::mutex>& lock, const request& req);
   block* allocate_slow(std::unique_lock<std::mutex>& lock, const request& req);
   block* take_block_locked(block& b, const request& req, bool in_pool);
+  block* take_deferred_locked(block& b, std::uintptr_t address, const request& req);
   void free_block_locked(block* b) noexcept;
+  // Merges a block whose state was just set to free with its free neighbours, and puts the
+  // result in its pool.
+  void merge_and_insert_locked(block* b) noexcept;
+  // Note [Deferred coalescing]: merges the fast bins' blocks of one stream, or of all.
+  void consolidate_locked(stream_t stream) noexcept;
+  void consolidate_all_locked() noexcept;
   void start_pending_locked(block* b) noexcept;
   void process_events_locked();
   void clear_unsynced_locked(std::uint64_t epoch);
@@ -246,6 +262,7 @@ class caching_allocator {
   block_pool large_pool_{pool_kind::large};
   std::map<std::uintptr_t, segment> segments_;
   block_index allocated_;
+  std::size_t deferred_blocks_ = 0;  // in the small pool's fast bins, all streams
   // Streams named by record_stream get a queue there, before any free needs one.
   std::vector<stream_queue> queues_;
   std::size_t pending_events_total_ = 0;

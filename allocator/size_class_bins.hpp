@@ -78,6 +78,66 @@ class size_class_bins {
     return const_cast<block*>(&lists_[found].front());
   }
 
+  // Fast bins (Note [Deferred coalescing], caching_allocator.cpp): one LIFO per exact size of
+  // blocks freed without merging, linked through block::fast_next. No bitmap: they are only
+  // ever asked for an exact size, and drained all at once. Each link carries the address of
+  // the block it points to (Note [Block layout]).
+  struct deferred_block {
+    block* b = nullptr;
+    std::uintptr_t address = 0;  // b->address, known without loading b
+  };
+  // Preconditions: as insert's, and b in no fast bin.
+  void push_deferred(block& b) noexcept {
+    deferred_block& head = deferred_[class_of(b.size)];
+    b.fast_next = head.b;
+    b.fast_next_address = head.address;
+    head = deferred_block{&b, b.address};
+    ++deferred_count_;
+  }
+  // The most recently pushed deferred block of exactly `size` (a multiple of granularity),
+  // unlinked, or {nullptr, 0}.
+  deferred_block pop_deferred(std::size_t size) noexcept {
+    if (size > max_size) return {};
+    deferred_block& head = deferred_[class_of(size)];
+    const deferred_block top = head;
+    if (top.b != nullptr) {
+      head = deferred_block{top.b->fast_next, top.b->fast_next_address};
+      top.b->fast_next = nullptr;
+      --deferred_count_;
+    }
+    return top;
+  }
+  std::size_t deferred_size() const noexcept { return deferred_count_; }
+  // Unlinks every deferred block, calling f(block&) on each after it left its bin (so that f
+  // may recycle it).
+  template <typename F>
+  void drain_deferred(F&& f) {
+    for (std::size_t c = 0; c < class_count && deferred_count_ != 0; ++c) {
+      while (deferred_[c].b != nullptr) {
+        block* b = pop_deferred((c + 1) * granularity).b;
+        f(*b);
+      }
+    }
+  }
+  // Every fast-bin link's carried address is its block's, and every block is in the bin of
+  // its size (for validate: a wrong one would put a block in the index under another address).
+  bool deferred_links_consistent() const noexcept {
+    for (std::size_t c = 0; c < class_count; ++c) {
+      deferred_block link = deferred_[c];
+      while (link.b != nullptr) {
+        if (link.address != link.b->address || class_of(link.b->size) != c) return false;
+        link = deferred_block{link.b->fast_next, link.b->fast_next_address};
+      }
+    }
+    return true;
+  }
+  template <typename F>
+  void for_each_deferred(F&& f) const {
+    for (const deferred_block& head : deferred_) {
+      for (const block* b = head.b; b != nullptr; b = b->fast_next) f(*b);
+    }
+  }
+
   bool contains(const block& b) const noexcept {
     if (!b.bin_hook.is_linked() || b.size == 0 || b.size > max_size) return false;
     for (const block& x : lists_[class_of(b.size)]) {
@@ -109,6 +169,8 @@ class size_class_bins {
   std::uint64_t summary_ = 0;  // bit w: words_[w] != 0
   std::array<std::uint64_t, word_count> words_{};  // bit c % 64 of word c / 64: list c non-empty
   std::array<list, class_count> lists_;
+  std::size_t deferred_count_ = 0;
+  std::array<deferred_block, class_count> deferred_{};  // fast-bin heads, by size class
 };
 
 }  // namespace gpuswap

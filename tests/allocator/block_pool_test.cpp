@@ -123,6 +123,63 @@ TEST(BlockPool, SmallPoolKeepsStreamsApart) {
   EXPECT_TRUE(pool.empty());
 }
 
+TEST(SizeClassBins, FastBinsAreExactSizeLifosThatCarryTheNextAddress) {
+  std::deque<block> storage;
+  size_class_bins bins(stream_a);
+  block& x = make_block(storage, 4 * KiB, stream_a);
+  block& y = make_block(storage, 4 * KiB, stream_a);
+  block& z = make_block(storage, 8 * KiB, stream_a);
+  for (block* b : {&x, &y, &z}) {
+    b->state = block_state::deferred;
+    bins.push_deferred(*b);
+  }
+  EXPECT_EQ(bins.deferred_size(), 3u);
+  EXPECT_EQ(bins.size(), 0u);  // not in the best-fit lists
+  EXPECT_EQ(bins.smallest_at_least(512), nullptr);
+  EXPECT_EQ(bins.pop_deferred(2 * KiB).b, nullptr);  // exact sizes only, never a larger one
+  EXPECT_EQ(bins.pop_deferred(size_class_bins::max_size + 512).b, nullptr);
+  const auto first = bins.pop_deferred(4 * KiB);
+  EXPECT_EQ(first.b, &y);  // the last pushed
+  EXPECT_EQ(first.address, y.address);
+  EXPECT_EQ(y.fast_next, nullptr);
+  const auto second = bins.pop_deferred(4 * KiB);
+  EXPECT_EQ(second.b, &x);
+  EXPECT_EQ(second.address, x.address);  // carried by y's link, not read from x
+  EXPECT_EQ(bins.pop_deferred(4 * KiB).b, nullptr);
+  bins.push_deferred(x);
+  std::vector<block*> drained;
+  bins.drain_deferred([&](block& b) {
+    EXPECT_EQ(b.fast_next, nullptr);
+    drained.push_back(&b);
+  });
+  EXPECT_EQ(drained, (std::vector<block*>{&x, &z}));  // by size class
+  EXPECT_EQ(bins.deferred_size(), 0u);
+  EXPECT_EQ(bins.pop_deferred(8 * KiB).b, nullptr);
+}
+
+TEST(BlockPool, FastBinsKeepStreamsApart) {
+  std::deque<block> storage;
+  block_pool pool(pool_kind::small);
+  pool.add_stream(stream_a);
+  pool.add_stream(stream_b);
+  block& a = make_block(storage, 4 * KiB, stream_a);
+  a.state = block_state::deferred;
+  pool.push_deferred(a);
+  EXPECT_EQ(pool.pop_deferred(stream_b, 4 * KiB).b, nullptr);
+  EXPECT_EQ(pool.pop_deferred(stream_t{3}, 4 * KiB).b, nullptr);  // never added
+  EXPECT_EQ(pool.deferred_size(stream_a), 1u);
+  EXPECT_EQ(pool.deferred_size(stream_b), 0u);
+  std::size_t seen = 0;
+  pool.for_each_deferred([&](stream_t s, const block& b) {
+    EXPECT_EQ(s, stream_a);
+    EXPECT_EQ(&b, &a);
+    ++seen;
+  });
+  EXPECT_EQ(seen, 1u);
+  EXPECT_EQ(pool.pop_deferred(stream_a, 4 * KiB).b, &a);
+  EXPECT_EQ(pool.deferred_size(stream_a), 0u);
+}
+
 TEST(BlockPool, LargePoolIsBestFitWithTheMaxSplitSizeRule) {
   std::deque<block> storage;
   block_pool pool(pool_kind::large);

@@ -236,7 +236,11 @@ TEST_F(caching_allocator_ordering_test, same_stream_reuse_is_immediate_and_strea
 
 TEST_F(caching_allocator_ordering_test, pending_events_complete_in_order_per_stream) {
   // Three blocks used on B by kernels of growing modelled end; the host clock passes the first
-  // two only: exactly those two are reused.
+  // two only: exactly those two are reused. Frees merge at once here (the fast-bin variant
+  // follows).
+  caching_allocator_options eager;
+  eager.fast_bin_limit = 0;
+  alloc = std::make_unique<caching_allocator>(*dev, eager);
   const std::size_t n = 4 * KiB;
   void* x[3];
   for (auto& p : x) p = alloc->allocate(n, a);
@@ -258,6 +262,35 @@ TEST_F(caching_allocator_ordering_test, pending_events_complete_in_order_per_str
   dev->synchronize();
   alloc->deallocate(big);
   alloc->deallocate(r);
+  alloc->empty_cache();
+  EXPECT_EQ(alloc->stats().reserved_bytes.all().current, 0);
+  EXPECT_EQ(alloc->validate(), "");
+}
+
+TEST_F(caching_allocator_ordering_test, pending_blocks_enter_the_fast_bin_only_after_their_events) {
+  // As above with the fast bins on: a block freed after record_stream reaches its stream's fast
+  // bin (Note [Deferred coalescing]) only when its event completed, so the exact-size requests
+  // get x[1] and x[0] back, most recent first, and never x[2] while B may still write it.
+  const std::size_t n = 4 * KiB;
+  void* x[3];
+  for (auto& p : x) p = alloc->allocate(n, a);
+  for (int i = 0; i < 3; ++i) {
+    alloc->record_stream(x[i], b);
+    fill_kernel(b, x[i], n, static_cast<unsigned char>('0' + i), nullptr, 1e6);
+    alloc->deallocate(x[i]);
+  }
+  const double second_end = dev->stream_tail_ns(b) - 1e6;
+  dev->advance_host_ns(second_end - dev->now_ns() + 1);
+  void* r1 = alloc->allocate(n, a);  // polls: x[0] and x[1] reach the fast bin
+  void* r0 = alloc->allocate(n, a);
+  void* r2 = alloc->allocate(n, a);
+  EXPECT_EQ(r1, x[1]);
+  EXPECT_EQ(r0, x[0]);
+  EXPECT_NE(r2, x[2]);
+  EXPECT_EQ(alloc->validate(), "");
+  dev->synchronize();
+  EXPECT_EQ(count_not(x[2], n, '2'), 0u);  // B's last write landed on memory nobody else got
+  for (void* p : {r0, r1, r2}) alloc->deallocate(p);
   alloc->empty_cache();
   EXPECT_EQ(alloc->stats().reserved_bytes.all().current, 0);
   EXPECT_EQ(alloc->validate(), "");

@@ -37,6 +37,14 @@ caching_allocator_options limit(std::size_t bytes) {
   return o;
 }
 
+// Frees merge at once, for the tests of coalescing and best fit themselves; the fast bins that
+// defer merging have their own file (caching_allocator_fast_bin_test.cpp).
+caching_allocator_options eager() {
+  caching_allocator_options o;
+  o.fast_bin_limit = 0;
+  return o;
+}
+
 // The message as "label: value" lines, for field-by-field checks.
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> out;
@@ -142,7 +150,7 @@ TEST_F(caching_allocator_test, zero_bytes_null_and_foreign_pointers) {
 }
 
 TEST_F(caching_allocator_test, small_requests_pack_into_one_segment_and_coalesce) {
-  caching_allocator a(dev, {});
+  caching_allocator a(dev, eager());
   void* x = a.allocate(1, s0);
   void* y = a.allocate(1000, s0);
   void* z = a.allocate(512, s0);
@@ -212,7 +220,7 @@ TEST_F(caching_allocator_test, large_pool_segments_and_remainder_rule) {
 }
 
 TEST_F(caching_allocator_test, best_fit_and_same_stream_reuse) {
-  caching_allocator a(dev, {});
+  caching_allocator a(dev, eager());
   void* a1 = a.allocate(64 * KiB, s0);
   void* sep1 = a.allocate(512, s0);
   void* a2 = a.allocate(16 * KiB, s0);
@@ -740,7 +748,7 @@ TEST_F(caching_allocator_test, a_reclaimer_that_frees_nothing_ends_in_oom) {
 TEST_F(caching_allocator_test, many_live_blocks_freed_in_random_order) {
   // Grows the address index well past its first size and empties it in shuffled order, so that
   // deletions shift entries across probe runs (and the end of the table).
-  caching_allocator a(dev, {});
+  caching_allocator a(dev, eager());
   std::vector<void*> live;
   for (int i = 0; i < 20000; ++i)
     live.push_back(a.allocate(512 + static_cast<std::size_t>(i % 7) * 512, s0));
