@@ -48,7 +48,7 @@ class memory_timeline {
   const timeline_result& result() const noexcept { return result_; }
 
  private:
-  // Tensors listed by step (compressed rows: ids of step s are ids[first[s]..first[s+1])).
+  // Tensors listed by stretch (compressed rows: ids of stretch s are ids[first[s]..first[s+1])).
   struct by_step {
     std::vector<std::size_t> first;
     std::vector<int> ids;
@@ -60,8 +60,13 @@ class memory_timeline {
   std::vector<std::size_t> bytes_;
   std::vector<int> first_backward_use_;
   std::vector<int> last_forward_use_;
+  // Note [Inside a step]: the stretches the model runs, in order; step s is stretches
+  // first_stretch_[s]..first_stretch_[s+1]-1.
+  std::vector<std::size_t> first_stretch_;
+  std::vector<double> stretch_ns_;
+  // Per tensor, the stretch of each of its events.
   by_step by_producer_, by_last_forward_use_, by_first_backward_use_, by_last_use_;
-  std::vector<std::size_t> scratch_;
+  std::vector<std::size_t> scratch_;  // per step
   timeline_result result_;
   prefetcher prefetcher_;
   // Scratch buffers reused across simulate() calls.

@@ -11,7 +11,9 @@ namespace gpuswap {
 // queue from its end, the latest start that keeps everything behind a tensor on time is
 //   finish(i) = min(deadline(i), start(i+1)),  start(i) = finish(i) - duration(i)
 // where deadline(i) is the projected start of its first backward use, from the measured step
-// times (no stalls: a stall shifts every later step alike, so the differences hold). The
+// times (no stalls: a stall shifts every later step alike, so the differences hold), or of the
+// part of that step that reads it (tensor_info::needed_at, Note [Inside a step] in
+// memory_timeline.cpp). The
 // latest starts grow along the queue. At the start of backward step s a tensor is issued when
 // waiting for the next step boundary would make it late, i.e. when its latest start is before
 // the end of step s; since the latest starts grow, the tensors issued form a prefix of what is
@@ -68,10 +70,16 @@ void prefetcher::init(const workload_profile& profile) {
     }
     const int first_use = profile.first_backward_use(t);
     if (first_use < 0) continue;  // never needed back: nothing to fetch
-    by_need_.push_back(entry{t, info.bytes, profile.last_forward_use(t), first_use, 0.0});
+    // Note [Inside a step] in memory_timeline.cpp: a piece needed by a later part of its step
+    // is due when that part starts.
+    const auto u = static_cast<std::size_t>(first_use);
+    const double needed_ns = step_start_ns_[u] + info.needed_at * profile.steps[u].compute_ns;
+    by_need_.push_back(
+        entry{t, info.bytes, profile.last_forward_use(t), first_use, needed_ns, 0.0});
   }
   std::sort(by_need_.begin(), by_need_.end(), [](const entry& a, const entry& b) {
-    return a.first_use != b.first_use ? a.first_use < b.first_use : a.tensor < b.tensor;
+    if (a.first_use != b.first_use) return a.first_use < b.first_use;
+    return a.needed_ns != b.needed_ns ? a.needed_ns < b.needed_ns : a.tensor < b.tensor;
   });
   position_.assign(static_cast<std::size_t>(n_tensors), -1);
 }
@@ -88,8 +96,7 @@ void prefetcher::set_offload(const std::vector<bool>& offload) {
     entry& e = queue_[i];
     const double duration =
         options_.h2d_latency_ns + static_cast<double>(e.bytes) * 1e9 / options_.h2d_bandwidth;
-    const double finish =
-        std::min(step_start_ns_[static_cast<std::size_t>(e.first_use)], next_start);
+    const double finish = std::min(e.needed_ns, next_start);
     e.latest_start_ns = finish - duration;
     next_start = e.latest_start_ns;
     position_[static_cast<std::size_t>(e.tensor)] = static_cast<int>(i);

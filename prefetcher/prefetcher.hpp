@@ -71,6 +71,7 @@ class prefetcher {
     std::size_t bytes;
     int ready_after_step;  // last forward use: the swap-out happens after it
     int first_use;         // first backward use
+    double needed_ns;      // when it must be back: the projected start of its part of first_use
     double latest_start_ns;
   };
 

@@ -76,6 +76,11 @@ std::string workload_profile::check() const {
       return fmt::format("{} has producer_step {} outside 0..{}", label(), t.producer_step,
                          n - 1);
     }
+    for (const double at : {t.made_at, t.sent_at, t.needed_at, t.freed_at}) {
+      if (!(at >= 0 && at <= 1)) {
+        return fmt::format("{} has a position {} inside a step outside 0..1", label(), at);
+      }
+    }
     int previous = t.producer_step - 1;
     for (int use : t.use_steps) {
       if (use >= n) return fmt::format("{} is used at step {} of {}", label(), use, n);

@@ -29,6 +29,14 @@ struct tensor_info {
   bool conv_input = false;       // input of a convolution layer (vDNN's `conv` policy)
   bool offloadable = true;       // false for tensors gpuswap must keep (e.g. the loss input)
   std::string name;              // for plans and traces, e.g. "conv3_2.out"
+  // Where inside its steps the tensor's events fall, as fractions of the step's compute time
+  // (Note [Inside a step] in memory_timeline.cpp). The defaults are whole steps: allocated when
+  // the producer step starts, swapped out when its last forward use ends, needed when its first
+  // backward use starts, freed when its last use ends.
+  double made_at = 0;    // in producer_step
+  double sent_at = 1;    // in last_forward_use(): its swap-out is issued then
+  double needed_at = 0;  // in first_backward_use(): it must be on the device then
+  double freed_at = 1;   // in last_use()
 };
 
 struct workload_profile {
@@ -57,7 +65,8 @@ struct workload_profile {
   double total_compute_ns() const;
   // Empty when the profile is consistent (ids match positions, steps in range, use_steps
   // strictly ascending and not before the producer, step_scratch_bytes empty or sized like
-  // steps, compute_ns not negative); else a description of the first problem found.
+  // steps, compute_ns not negative, positions inside a step within 0..1); else a description
+  // of the first problem found.
   std::string check() const;
   // Throws config_error (key "workload_profile", the problem as the value) unless check() is
   // empty.

@@ -65,6 +65,26 @@ const std::vector<part_spec>& transformer_parts() {
   return parts;
 }
 
+// Where each part's pieces live inside the block's steps (Note [Parts of a step] in
+// tools/workload_runner.cpp): in forward part k runs over [before_k, before_k + share_k) of the
+// step, where before_k is the shares of the parts ahead of it, its pieces made at its start and
+// sent out at its end; backward runs the parts in reverse, so part k runs over
+// [1 - before_k - share_k, 1 - before_k), its pieces needed at its start and freed at its end.
+void place_pieces(workload_profile& p, const std::vector<layer_part>& parts) {
+  double before = 0;
+  for (std::size_t k = 0; k < parts.size(); ++k) {
+    const double after = k + 1 == parts.size() ? 1.0 : std::min(1.0, before + parts[k].share);
+    for (int id : parts[k].saved) {
+      tensor_info& t = p.tensors[static_cast<std::size_t>(id)];
+      t.made_at = before;
+      t.sent_at = after;
+      t.needed_at = std::max(0.0, 1.0 - after);
+      t.freed_at = std::max(0.0, 1.0 - before);
+    }
+    before = after;
+  }
+}
+
 }  // namespace
 
 workload_graph build_workload_graph(const model_spec& model, int batch) {
@@ -130,6 +150,7 @@ workload_graph build_workload_graph(const model_spec& model, int batch) {
           }
         }
         p.tensors[static_cast<std::size_t>(last)].bytes += total - made;
+        place_pieces(p, parts);
         continue;
       }
     }

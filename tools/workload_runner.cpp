@@ -118,9 +118,12 @@ kernel_cost share_of(const kernel_cost& c, double share) {
 // prefetcher brings back in that order) and freeing them when done, so the H2D of a block's
 // later pieces runs under its first parts. (Asking the prefetcher again after each part, into
 // the room just freed, was tried: GPT-7B on an H100 at a quarter of its peak 9.44x -> 9.31x, at
-// half 6.83x -> 6.86x, Titan X unchanged; not kept.) Real math computes a layer in one call, so
-// there a layer runs as one part holding all its pieces (no layer with reference math keeps
-// saved state today).
+// half 6.83x -> 6.86x, Titan X unchanged; not kept.) The graph tells the planner where in the
+// step each piece is made, sent out, needed and freed (Note [Inside a step] in
+// prefetcher/memory_timeline.cpp), so its model and the prefetcher's deadlines follow this
+// order: a change here must keep place_pieces in tools/workload_graph.cpp in step. Real math
+// computes a layer in one call, so there a layer runs as one part holding all its pieces, made
+// and freed with the whole step (no layer with reference math keeps saved state today).
 
 class runner final : public eviction_advisor {
  public:
@@ -157,6 +160,11 @@ class runner final : public eviction_advisor {
           whole.saved.insert(whole.saved.end(), part.saved.begin(), part.saved.end());
         }
         parts.assign(1, whole);
+        for (int t : whole.saved) {  // made, sent, needed and freed with the whole step
+          tensor_info& info = graph_.profile.tensors[static_cast<std::size_t>(t)];
+          info.made_at = info.needed_at = 0;
+          info.sent_at = info.freed_at = 1;
+        }
       }
       if (parts.empty()) parts.push_back(layer_part{});
     }

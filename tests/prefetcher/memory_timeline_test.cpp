@@ -164,6 +164,68 @@ TEST(memory_timeline, results_repeat_exactly) {
   EXPECT_EQ(a.simulate(plan).step_bytes, ra.step_bytes);
 }
 
+// Note [Inside a step]. Budget 200 MB, copies 0.5 ms per 100 MB both ways.
+TEST(memory_timeline, pieces_made_sent_needed_and_freed_inside_their_steps) {
+  planner_options o = fast_link();
+  o.budget_bytes = 200 * mb;
+  const std::vector<bool> pieces = {true, true, false};
+
+  // Made and sent part by part: tensor 0 leaves over 0.5..1 ms while the second part runs, so
+  // step 1 finds the room for tensor 2 at once. In backward, lookahead brings tensor 1 back
+  // for the first part of step 3 and tensor 0 under it, for the second part.
+  const workload_profile p = testing::two_part_layer();
+  memory_timeline tl(p, o);
+  const timeline_result& r = tl.simulate(pieces);
+  EXPECT_DOUBLE_EQ(r.d2h_end_ns[0], 1e6);
+  EXPECT_DOUBLE_EQ(r.d2h_end_ns[1], 1.5e6);
+  EXPECT_EQ(in_mb(r.step_bytes), (std::vector<std::size_t>{200, 200, 200, 200}));
+  EXPECT_DOUBLE_EQ(r.step_stall_ns[1], 0);
+  EXPECT_EQ(r.prefetch_step[1], 2);
+  EXPECT_DOUBLE_EQ(r.h2d_end_ns[1], 2.5e6);
+  EXPECT_EQ(r.prefetch_step[0], 3);
+  EXPECT_DOUBLE_EQ(r.h2d_end_ns[0], 3.5e6);
+  EXPECT_DOUBLE_EQ(r.step_start_ns[3], 3e6);
+  EXPECT_DOUBLE_EQ(r.total_ns, 4e6);
+  EXPECT_DOUBLE_EQ(r.exposed_ns, 0);
+
+  // The same tensors at whole steps: both pieces leave after step 0, step 1 waits for the
+  // first D2H (0.5 ms), and step 3 for the second piece's H2D, which the budget held back
+  // until then (0.5 ms more).
+  const workload_profile whole = testing::two_part_layer(true);
+  memory_timeline tw(whole, o);
+  const timeline_result& w = tw.simulate(pieces);
+  EXPECT_DOUBLE_EQ(w.step_stall_ns[1], 0.5e6);
+  EXPECT_DOUBLE_EQ(w.step_stall_ns[3], 0.5e6);
+  EXPECT_DOUBLE_EQ(w.exposed_ns, 1e6);
+}
+
+TEST(memory_timeline, a_wait_inside_a_step_counts_as_its_stall) {
+  // H2D at 100 GB/s (1 ms per piece): tensor 1 comes back under step 2, tensor 0, demanded at
+  // the start of step 3 (no room before), arrives 0.5 ms after its part was ready.
+  planner_options o = fast_link();
+  o.budget_bytes = 200 * mb;
+  o.h2d_bandwidth = 100e9;
+  const workload_profile p = testing::two_part_layer();
+  memory_timeline tl(p, o);
+  const timeline_result& r = tl.simulate({true, true, false});
+  EXPECT_DOUBLE_EQ(r.h2d_end_ns[1], 3e6);
+  EXPECT_DOUBLE_EQ(r.h2d_end_ns[0], 4e6);
+  EXPECT_DOUBLE_EQ(r.step_stall_ns[3], 0.5e6);
+  EXPECT_DOUBLE_EQ(r.step_start_ns[3], 3.5e6);  // start + compute = end, as for a whole step
+  EXPECT_DOUBLE_EQ(r.step_end_ns[3], 4.5e6);
+  EXPECT_DOUBLE_EQ(r.exposed_ns, 0.5e6);
+}
+
+TEST(memory_timeline, a_step_holds_at_its_peak_what_its_parts_hold_at_most) {
+  // No offload, no budget: step 0 ends with both pieces, step 3 starts with both; step 1 also
+  // holds its own piece.
+  const workload_profile p = testing::two_part_layer();
+  memory_timeline tl(p, fast_link());
+  const timeline_result& r = tl.simulate({});
+  EXPECT_EQ(in_mb(r.step_bytes), (std::vector<std::size_t>{200, 300, 300, 200}));
+  EXPECT_EQ(r.peak_step, 1);
+}
+
 TEST(memory_timeline, an_empty_profile_has_no_peak_step) {
   const workload_profile p;
   memory_timeline tl(p, fast_link());

@@ -57,6 +57,23 @@ TEST(prefetcher_lookahead, issues_just_in_time_in_order_of_need) {
   EXPECT_TRUE(std::isnan(pf.latest_start_ns(7)));
 }
 
+TEST(prefetcher_lookahead, a_piece_is_due_when_the_part_that_reads_it_starts) {
+  // Tensor 1 is read by the first half of step 3, tensor 0 by the second (from 3.5 ms): at
+  // 200 GB/s each copy takes 0.5 ms, so tensor 0 may start as late as 3 ms, and tensor 1, which
+  // is needed first, comes first.
+  const workload_profile p = testing::two_part_layer();
+  prefetcher pf(p, std::vector<bool>{true, true, false}, link(prefetch_policy::lookahead, 200e9));
+  EXPECT_DOUBLE_EQ(pf.latest_start_ns(0), 3e6);
+  EXPECT_DOUBLE_EQ(pf.latest_start_ns(1), 2.5e6);
+  EXPECT_EQ(pf.issue_before(2, 100 * mb), std::vector<int>{1});
+
+  // Both needed when step 3 starts: by id, each half a millisecond ahead of the other.
+  const workload_profile whole = testing::two_part_layer(true);
+  prefetcher pw(whole, std::vector<bool>{true, true, false}, link(prefetch_policy::lookahead, 200e9));
+  EXPECT_DOUBLE_EQ(pw.latest_start_ns(0), 2e6);
+  EXPECT_DOUBLE_EQ(pw.latest_start_ns(1), 2.5e6);
+}
+
 TEST(prefetcher_lookahead, issues_earlier_when_steps_are_short_or_copies_long) {
   const workload_profile p = eight_layers(1e6);
   prefetcher normal(p, first_six, link(prefetch_policy::lookahead, 100e9));

@@ -94,6 +94,11 @@ TEST(workload_profile, check_names_each_inconsistency) {
     p.steps[2].compute_ns = -1;
     EXPECT_NE(p.check().find("compute_ns"), std::string::npos) << p.check();
   }
+  {
+    workload_profile p = chain({1, 2, 3});
+    p.tensors[1].needed_at = 1.5;
+    EXPECT_NE(p.check().find("inside a step"), std::string::npos) << p.check();
+  }
 }
 
 }  // namespace

@@ -8,7 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "allocator/caching_allocator.hpp"
 #include "device/sim_device.hpp"
+#include "prefetcher/offload_planner.hpp"
 #include "tools/model_spec.hpp"
 #include "tools/workload_graph.hpp"
 #include "tools/workload_runner.hpp"
@@ -68,6 +70,99 @@ TEST(block_pieces, the_pieces_add_up_to_the_saved_state_and_come_back_in_the_ord
       EXPECT_EQ(parts[1].saved.size(), flash ? 0U : 3U);
     }
     EXPECT_EQ(blocks, 3);
+  }
+}
+
+// Note [Inside a step] (prefetcher/memory_timeline.cpp): where each piece lives inside the
+// block's steps, for the planner to model what the runner does.
+TEST(block_pieces, each_piece_lives_inside_its_steps_where_its_part_runs) {
+  const model_spec model = small_gpt(false);
+  const workload_graph g = build_workload_graph(model, 2);
+  for (const layer_spec& layer : model.layers) {
+    const auto& parts = g.parts[static_cast<std::size_t>(layer.index)];
+    const tensor_info& out =
+        g.profile.tensors[static_cast<std::size_t>(g.output_tensor[static_cast<std::size_t>(layer.index)])];
+    EXPECT_EQ(out.made_at, 0) << layer.name;  // made and freed with the whole step
+    EXPECT_EQ(out.freed_at, 1) << layer.name;
+    double before = 0;
+    for (std::size_t k = 0; k < parts.size(); ++k) {
+      const double after = k + 1 == parts.size() ? 1.0 : before + parts[k].share;
+      for (int t : parts[k].saved) {
+        const tensor_info& piece = g.profile.tensors[static_cast<std::size_t>(t)];
+        EXPECT_NEAR(piece.made_at, before, 1e-12) << piece.name;
+        EXPECT_NEAR(piece.sent_at, after, 1e-12) << piece.name;
+        // Backward runs the parts in reverse.
+        EXPECT_NEAR(piece.needed_at, 1 - after, 1e-12) << piece.name;
+        EXPECT_NEAR(piece.freed_at, 1 - before, 1e-12) << piece.name;
+      }
+      before = after;
+    }
+    if (!parts.empty()) {
+      EXPECT_EQ(g.profile.tensors[static_cast<std::size_t>(parts.front().saved.front())].made_at, 0);
+      EXPECT_EQ(g.profile.tensors[static_cast<std::size_t>(parts.back().saved.front())].sent_at, 1);
+    }
+  }
+}
+
+// The planner's model of a run (memory_timeline, from the graph's modelled step times) against
+// the run itself on the simulator's modelled clock. Modelled as one allocation per step, sent
+// out at its end, each block's whole state waited for the previous one's D2H: on an H100 under
+// a quarter of GPT-7B's peak the model said 3.75 s of copies showed where the run showed 3.39 s,
+// and on a Titan X 17.0 s where the run hid nearly all of them (0.26-0.40 s). With the pieces
+// made, sent and freed where their parts run, the model is within a few percent on the H100.
+// On the Titan X it still says 1.9 s: the plan aims a tenth below the allocator's budget (Note
+// [Plannable budget] in tools/workload_runner.cpp), and at that aim one block's attention
+// pieces wait for the previous block's last swap-outs, which under the whole budget the run
+// does not.
+TEST(block_pieces, the_planner_predicts_the_copy_time_the_run_exposes) {
+  const model_spec model = model_spec::load_named("gpt_7b");
+  struct row {
+    const char* gpu;
+    double fraction;
+    double of_measured, of_step;  // tolerance: of the exposed time measured, of the step time
+  };
+  for (const row& c : {row{"h100-pcie5", 0.25, 0.05, 0}, row{"h100-pcie5", 0.5, 0.05, 0},
+                       row{"titan-x-pcie3", 0.25, 0, 0.04}}) {
+    SCOPED_TRACE(std::string(c.gpu) + " at " + std::to_string(c.fraction));
+    sim_options so = sim_preset(c.gpu);
+    so.backing = sim_backing::phantom;
+    so.device_capacity = std::size_t{1} << 40;
+    so.host_capacity = std::size_t{1} << 42;
+    runner_options o;
+    o.batch = 1;
+    o.steps = 2;
+    o.real_math = false;
+    run_report unlimited;
+    {
+      sim_device dev(so);
+      unlimited = run_workload(dev, model, o);
+    }
+    o.device_limit = static_cast<std::size_t>(static_cast<double>(unlimited.peak_reserved_bytes) * c.fraction);
+    o.policy = offload_policy::auto_;
+    sim_device dev(so);
+    const run_report r = run_workload(dev, model, o);
+    const double measured = r.steady_step_ns() - unlimited.steady_step_ns();
+
+    sim_device estimate(so);
+    const workload_graph g = build_workload_graph(
+        model, 1, [&estimate](const kernel_cost& k) { return estimate.kernel_ns(k); });
+    planner_options po;
+    po.policy = offload_policy::auto_;
+    // What the runner plans against (Note [Plannable budget] in tools/workload_runner.cpp).
+    const std::size_t whole = r.budget_bytes / caching_allocator::round_large * caching_allocator::round_large;
+    po.budget_bytes = whole - whole / 10;
+    po.d2h_bandwidth = so.d2h_bandwidth;
+    po.h2d_bandwidth = so.h2d_bandwidth;
+    po.d2h_latency_ns = so.d2h_latency_ns;
+    po.h2d_latency_ns = so.h2d_latency_ns;
+    const offload_plan plan = plan_offload(g.profile, po);
+    // At a quarter a block's pieces all come back when its backward step starts (the
+    // prefetcher returns what the step reads whatever the budget): over the plan's aim, within
+    // the allocator's budget, as in the run.
+    EXPECT_LE(plan.predicted_peak_bytes, r.budget_bytes) << plan.explain;
+    EXPECT_NEAR(plan.predicted_exposed_ns, measured,
+                c.of_measured * measured + c.of_step * unlimited.steady_step_ns())
+        << plan.explain << "; measured " << measured / 1e6 << " ms";
   }
 }
 
