@@ -15,6 +15,7 @@
 
 #include "allocator/caching_allocator.hpp"
 #include "device/sim_device.hpp"
+#include "support/small_sim.hpp"
 
 namespace gpuswap {
 namespace {
@@ -22,11 +23,7 @@ namespace {
 constexpr std::size_t KiB = std::size_t{1} << 10;
 constexpr std::size_t MiB = std::size_t{1} << 20;
 
-sim_options sim(std::size_t capacity = std::size_t{1} << 30) {
-  sim_options o;
-  o.device_capacity = capacity;
-  return o;
-}
+using testing_support::sim_with_capacity;
 
 caching_allocator_options fast_bins(std::size_t limit) {
   caching_allocator_options o;
@@ -45,7 +42,7 @@ std::vector<std::string> states_of_segment(const caching_allocator& a, std::size
 
 class caching_allocator_fast_bin_test : public ::testing::Test {
  protected:
-  sim_device dev{sim()};
+  sim_device dev{sim_with_capacity()};
   stream_t s0 = dev.default_stream();
 
   void expect_valid(const caching_allocator& a) { EXPECT_EQ(a.validate(), ""); }

@@ -17,6 +17,7 @@
 
 #include "core/errors.hpp"
 #include "device/sim_device.hpp"
+#include "support/small_sim.hpp"
 
 namespace gpuswap {
 namespace {
@@ -26,9 +27,7 @@ constexpr std::size_t MiB = std::size_t{1} << 20;
 constexpr std::size_t GiB = std::size_t{1} << 30;
 
 sim_options small_sim(std::size_t capacity = GiB) {
-  sim_options o;
-  o.device_capacity = capacity;
-  return o;
+  return testing_support::sim_with_capacity(capacity);
 }
 
 caching_allocator_options limit(std::size_t bytes) {

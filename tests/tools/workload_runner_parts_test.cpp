@@ -18,6 +18,29 @@
 namespace gpuswap {
 namespace {
 
+// A GPU preset's timings, phantom bytes and room for GPT-7B's unlimited run.
+sim_options phantom_gpu(const char* gpu) {
+  sim_options so = sim_preset(gpu);
+  so.backing = sim_backing::phantom;
+  so.device_capacity = std::size_t{1} << 40;
+  so.host_capacity = std::size_t{1} << 42;
+  return so;
+}
+
+// Batch 1, modelled math (phantom bytes have no values), `steps` steps.
+runner_options modelled_run(int steps) {
+  runner_options o;
+  o.batch = 1;
+  o.steps = steps;
+  o.real_math = false;
+  return o;
+}
+
+run_report run_on(const sim_options& so, const model_spec& model, const runner_options& o) {
+  sim_device dev(so);
+  return run_workload(dev, model, o);
+}
+
 model_spec small_gpt(bool flash) {
   return model_spec::parse_text(
       std::string(R"({"name": "parts_gpt", "input": [64], "classes": 50, "dtype_bytes": 2, "default_batch": 2,
@@ -124,19 +147,9 @@ TEST(block_pieces, the_planner_predicts_the_copy_time_the_run_exposes) {
   for (const row& c : {row{"h100-pcie5", 0.25, 0.05, 0}, row{"h100-pcie5", 0.5, 0.05, 0},
                        row{"titan-x-pcie3", 0.25, 0, 0.04}}) {
     SCOPED_TRACE(std::string(c.gpu) + " at " + std::to_string(c.fraction));
-    sim_options so = sim_preset(c.gpu);
-    so.backing = sim_backing::phantom;
-    so.device_capacity = std::size_t{1} << 40;
-    so.host_capacity = std::size_t{1} << 42;
-    runner_options o;
-    o.batch = 1;
-    o.steps = 2;
-    o.real_math = false;
-    run_report unlimited;
-    {
-      sim_device dev(so);
-      unlimited = run_workload(dev, model, o);
-    }
+    const sim_options so = phantom_gpu(c.gpu);
+    runner_options o = modelled_run(2);
+    const run_report unlimited = run_on(so, model, o);
     o.device_limit = static_cast<std::size_t>(static_cast<double>(unlimited.peak_reserved_bytes) * c.fraction);
     o.policy = offload_policy::auto_;
     sim_device dev(so);
@@ -172,19 +185,9 @@ TEST(block_pieces, the_planner_predicts_the_copy_time_the_run_exposes) {
 // (1.28x); as the pieces its operators save, the copies run under the block's compute.
 TEST(block_pieces, gpt_7b_hides_its_copies_where_one_block_state_fits_and_two_do_not) {
   const model_spec model = model_spec::load_named("gpt_7b");
-  sim_options so = sim_preset("titan-x-pcie3");
-  so.backing = sim_backing::phantom;
-  so.device_capacity = std::size_t{1} << 40;
-  so.host_capacity = std::size_t{1} << 42;
-  runner_options o;
-  o.batch = 1;
-  o.steps = 3;
-  o.real_math = false;
-  run_report unlimited;
-  {
-    sim_device dev(so);
-    unlimited = run_workload(dev, model, o);
-  }
+  const sim_options so = phantom_gpu("titan-x-pcie3");
+  runner_options o = modelled_run(3);
+  const run_report unlimited = run_on(so, model, o);
   const std::size_t budget = unlimited.peak_reserved_bytes / 4;
   o.device_limit = budget;
   o.policy = offload_policy::all;
