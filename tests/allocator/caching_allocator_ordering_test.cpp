@@ -81,6 +81,19 @@ class caching_allocator_ordering_test : public ::testing::Test {
         touched);
   }
 
+  // Three blocks of n bytes from A, each used on B (record_stream) by a 1 ms kernel writing
+  // '0', '1', '2' and freed; then the host clock passes the second kernel's end, not the third's.
+  void free_three_used_on_b(void* (&x)[3], std::size_t n) {
+    for (auto& p : x) p = alloc->allocate(n, a);
+    for (int i = 0; i < 3; ++i) {
+      alloc->record_stream(x[i], b);
+      fill_kernel(b, x[i], n, static_cast<unsigned char>('0' + i), nullptr, 1e6);
+      alloc->deallocate(x[i]);
+    }
+    const double second_end = dev->stream_tail_ns(b) - 1e6;
+    dev->advance_host_ns(second_end - dev->now_ns() + 1);
+  }
+
   // Stream `s` writes `value` into [p, p+n): an H2D copy from pinned memory, then the host waits
   // for `s` only.
   void write_on(stream_t s, void* p, std::size_t n, unsigned char value) {
@@ -243,14 +256,7 @@ TEST_F(caching_allocator_ordering_test, pending_events_complete_in_order_per_str
   alloc = std::make_unique<caching_allocator>(*dev, eager);
   const std::size_t n = 4 * KiB;
   void* x[3];
-  for (auto& p : x) p = alloc->allocate(n, a);
-  for (int i = 0; i < 3; ++i) {
-    alloc->record_stream(x[i], b);
-    fill_kernel(b, x[i], n, static_cast<unsigned char>('0' + i), nullptr, 1e6);
-    alloc->deallocate(x[i]);
-  }
-  const double second_end = dev->stream_tail_ns(b) - 1e6;
-  dev->advance_host_ns(second_end - dev->now_ns() + 1);
+  free_three_used_on_b(x, n);
   alloc->allocate(0, a);                  // a no-op: nothing polled
   void* big = alloc->allocate(3 * n, a);  // polls: x[0] and x[1] merge back, x[2] still pending
   EXPECT_NE(big, x[0]);
@@ -273,14 +279,7 @@ TEST_F(caching_allocator_ordering_test, pending_blocks_enter_the_fast_bin_only_a
   // get x[1] and x[0] back, most recent first, and never x[2] while B may still write it.
   const std::size_t n = 4 * KiB;
   void* x[3];
-  for (auto& p : x) p = alloc->allocate(n, a);
-  for (int i = 0; i < 3; ++i) {
-    alloc->record_stream(x[i], b);
-    fill_kernel(b, x[i], n, static_cast<unsigned char>('0' + i), nullptr, 1e6);
-    alloc->deallocate(x[i]);
-  }
-  const double second_end = dev->stream_tail_ns(b) - 1e6;
-  dev->advance_host_ns(second_end - dev->now_ns() + 1);
+  free_three_used_on_b(x, n);
   void* r1 = alloc->allocate(n, a);  // polls: x[0] and x[1] reach the fast bin
   void* r0 = alloc->allocate(n, a);
   void* r2 = alloc->allocate(n, a);
