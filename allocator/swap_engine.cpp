@@ -60,8 +60,8 @@ namespace gpuswap {
 // finds that a consumer waited longer than the threshold (the wait itself is on the device, on
 // no host thread's row). The copies themselves appear on the copy streams' rows of Nsight's CUDA
 // trace; the engine names those two streams (device::name_stream: NVTX's name for a CUDA
-// stream), and Nsight Systems projects the NVTX ranges around each copy's enqueueing onto the
-// stream row the copy ran on, so the swap ranges appear on the copy streams' rows too. A
+// stream), and Nsight Systems can project NVTX ranges that enclose CUDA calls onto the GPU
+// rows where that work ran, which puts the swap ranges on the copy streams' rows too. A
 // library should not rename its host's threads, so the engine names a calling thread's row
 // only when swap_engine_options::nvtx_thread_name asks it to, once per thread.
 
