@@ -475,13 +475,10 @@ block* caching_allocator::take_deferred_locked(block& b, std::uintptr_t address,
     small_pool_.push_deferred(b);
     throw;
   }
-  --deferred_blocks_;
+  left_fast_bin_locked(b);
   b.state = block_state::allocated;
   b.requested = req.bytes;
-  const std::int64_t size = signed_size(b.size);
-  sub(stats_.inactive_split, pool_kind::small, 1);  // always split: Note [Deferred coalescing]
-  sub(stats_.inactive_split_bytes, pool_kind::small, size);
-  count_take(stats_, pool_kind::small, size, signed_size(req.bytes));
+  count_take(stats_, pool_kind::small, signed_size(b.size), signed_size(req.bytes));
   return &b;
 }
 
@@ -588,11 +585,17 @@ void caching_allocator::free_block_locked(block* b) noexcept {
   merge_and_insert_locked(b);
 }
 
+void caching_allocator::left_fast_bin_locked(const block& b) noexcept {
+  // A deferred block is inactive split memory (small-pool blocks are always split): Note
+  // [Deferred coalescing].
+  --deferred_blocks_;
+  sub(stats_.inactive_split, pool_kind::small, 1);
+  sub(stats_.inactive_split_bytes, pool_kind::small, signed_size(b.size));
+}
+
 void caching_allocator::consolidate_locked(stream_t stream) noexcept {
   small_pool_.drain_deferred(stream, [this](block& b) {
-    --deferred_blocks_;
-    sub(stats_.inactive_split, pool_kind::small, 1);
-    sub(stats_.inactive_split_bytes, pool_kind::small, signed_size(b.size));
+    left_fast_bin_locked(b);
     b.state = block_state::free;
     merge_and_insert_locked(&b);
   });
@@ -601,9 +604,7 @@ void caching_allocator::consolidate_locked(stream_t stream) noexcept {
 void caching_allocator::consolidate_all_locked() noexcept {
   if (deferred_blocks_ == 0) return;
   small_pool_.drain_all_deferred([this](block& b) {
-    --deferred_blocks_;
-    sub(stats_.inactive_split, pool_kind::small, 1);
-    sub(stats_.inactive_split_bytes, pool_kind::small, signed_size(b.size));
+    left_fast_bin_locked(b);
     b.state = block_state::free;
     merge_and_insert_locked(&b);
   });

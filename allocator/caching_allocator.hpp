@@ -203,6 +203,8 @@ class caching_allocator {
   void merge_and_insert_locked(block* b) noexcept;
   // Note [Deferred coalescing]: merges the fast bins' blocks of one stream, or of all.
   void consolidate_locked(stream_t stream) noexcept;
+  // The books of a block leaving a fast bin (popped or consolidated); the caller sets its state.
+  void left_fast_bin_locked(const block& b) noexcept;
   void consolidate_all_locked() noexcept;
   void start_pending_locked(block* b) noexcept;
   void process_events_locked();

@@ -111,21 +111,19 @@ memory_timeline::memory_timeline(const workload_profile& profile, const planner_
     }
     first_stretch_[s + 1] = stretch_ns_.size();
   }
-  // The stretch starting at or last before `at`, and the one ending at or first after it.
-  const auto starting = [&](int step, double at) {
+  // The stretch starting at or last before `at` (ends = false), or the one ending at or first
+  // after it (ends = true).
+  const auto stretch_at = [&](int step, double at, bool ends) {
     if (step < 0) return -1;
     const std::vector<double>& c = cuts[static_cast<std::size_t>(step)];
-    const auto k = static_cast<std::size_t>(std::upper_bound(c.begin(), c.end(), at) - c.begin());
+    const auto past = ends ? std::lower_bound(c.begin(), c.end(), at)
+                           : std::upper_bound(c.begin(), c.end(), at);
+    const auto k = static_cast<std::size_t>(past - c.begin());
     const std::size_t index = std::min(k > 0 ? k - 1 : 0, c.size() - 2);
     return static_cast<int>(first_stretch_[static_cast<std::size_t>(step)] + index);
   };
-  const auto ending = [&](int step, double at) {
-    if (step < 0) return -1;
-    const std::vector<double>& c = cuts[static_cast<std::size_t>(step)];
-    const auto k = static_cast<std::size_t>(std::lower_bound(c.begin(), c.end(), at) - c.begin());
-    const std::size_t index = std::min(k > 0 ? k - 1 : 0, c.size() - 2);
-    return static_cast<int>(first_stretch_[static_cast<std::size_t>(step)] + index);
-  };
+  const auto starting = [&](int step, double at) { return stretch_at(step, at, false); };
+  const auto ending = [&](int step, double at) { return stretch_at(step, at, true); };
   std::vector<int> made(n_tensors), sent(n_tensors), needed(n_tensors), freed(n_tensors);
   for (std::size_t i = 0; i < n_tensors; ++i) {
     const tensor_info& t = profile.tensors[i];

@@ -89,7 +89,7 @@ struct event_recorder::ring {
         }
         if (out == nullptr) continue;
         const std::uint64_t unit = recorder_detail::record_unit;
-        const std::uint64_t address = (r.word >> 2 & ((std::uint64_t{1} << 39) - 1)) * unit;
+        const std::uint64_t address = (r.word >> 2 & ((std::uint64_t{1} << recorder_detail::address_bits) - 1)) * unit;
         const std::uint64_t bytes = (r.word >> (2 + recorder_detail::address_bits)) * unit;
         trace_event e = trace_event::marker(
             tag == recorder_detail::tag_alloc ? event_kind::alloc : event_kind::free, r.time_ns,
@@ -172,12 +172,8 @@ void event_recorder::record_block_slow(event_kind kind, double time_ns, std::uin
   using namespace recorder_detail;
   ring* r = this_thread_ring();
   if (r == nullptr) return;
-  const std::uint64_t a = address / record_unit;
-  const std::uint64_t n = bytes / record_unit;
-  const bool fits = (kind == event_kind::alloc || kind == event_kind::free) &&
-                    (address | bytes) % record_unit == 0 && a >> address_bits == 0 &&
-                    n >> bytes_bits == 0;
-  if (!fits) {
+  std::uint64_t word = 0;
+  if (!pack_block_word(kind, address, bytes, word)) {
     trace_event e = trace_event::marker(kind, time_ns, trace_track::host, address, bytes);
     e.stream = stream;
     r->push(e);
@@ -188,8 +184,7 @@ void event_recorder::record_block_slow(event_kind kind, double time_ns, std::uin
     if (!blocks.records.push(block_record{std::bit_cast<double>(stream), tag_stream})) return;
     blocks.stream = stream;
   }
-  const std::uint64_t tag = kind == event_kind::alloc ? tag_alloc : tag_free;
-  blocks.records.push(block_record{time_ns, tag | a << 2 | n << (2 + address_bits)});
+  blocks.records.push(block_record{time_ns, word});
 }
 
 event_recorder::ring* event_recorder::find_or_register_ring() noexcept {

@@ -43,6 +43,20 @@ inline constexpr unsigned address_bits = 39;
 inline constexpr unsigned bytes_bits = 23;
 inline constexpr std::uint64_t record_unit = 512;
 
+// The record's word for an alloc or free of `bytes` at `address`, or false when it does not fit
+// (another kind; address or size not a multiple of 512; address >= 256 TiB; size >= 4 GiB).
+inline bool pack_block_word(event_kind kind, std::uintptr_t address, std::uint64_t bytes,
+                            std::uint64_t& word) noexcept {
+  const std::uint64_t a = address / record_unit;
+  const std::uint64_t n = bytes / record_unit;
+  if ((kind != event_kind::alloc && kind != event_kind::free) ||
+      (address | bytes) % record_unit != 0 || a >> address_bits != 0 || n >> bytes_bits != 0) {
+    return false;
+  }
+  word = (kind == event_kind::alloc ? tag_alloc : tag_free) | a << 2 | n << (2 + address_bits);
+  return true;
+}
+
 // A thread's block ring for one recorder, with the producer's stream state.
 struct block_ring {
   explicit block_ring(std::size_t capacity) : records(capacity) {}
@@ -93,14 +107,10 @@ class event_recorder {
     if (!enabled_.load(std::memory_order_relaxed)) return;
     using namespace recorder_detail;
     const thread_cache& cache = tls_cache;
-    const std::uint64_t a = address / record_unit;
-    const std::uint64_t n = bytes / record_unit;
+    std::uint64_t word = 0;
     if (cache.recorder_id == id_ && cache.blocks->stream == stream &&
-        (kind == event_kind::alloc || kind == event_kind::free) &&
-        (address | bytes) % record_unit == 0 && a >> address_bits == 0 &&
-        n >> bytes_bits == 0) [[likely]] {
-      const std::uint64_t tag = kind == event_kind::alloc ? tag_alloc : tag_free;
-      cache.blocks->records.push(block_record{time_ns, tag | a << 2 | n << (2 + address_bits)});
+        pack_block_word(kind, address, bytes, word)) [[likely]] {
+      cache.blocks->records.push(block_record{time_ns, word});
       return;
     }
     record_block_slow(kind, time_ns, address, bytes, stream);
