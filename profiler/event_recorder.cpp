@@ -46,11 +46,12 @@ namespace gpuswap {
 // (on the simulator every event of a step may carry the same modelled time, so time cannot
 // order them). Each full event therefore carries block_seq, the number of block records its
 // thread had written before it, and the drain merges: block records with index < block_seq go
-// before it. The drain reads the full ring's head before the block ring's, so every full
-// event it takes has all the block records before it in this drain or an earlier one. The one
-// misordering left: a full event recorded between a drain's two head reads comes out in the
-// next collect, after block records the thread wrote later; collect()'s sort by time still
-// puts it in place wherever time moves (on a GPU it always does).
+// before it. A drain takes an exact prefix of the thread's sequence: it reads the block ring's
+// head b1 first, then the full ring's, and stops at the first full event with block_seq > b1
+// (recorded after a block record it does not take). Reading the heads the other way round let
+// a full event recorded between the two reads come out one collect later than block records
+// the thread wrote after it (EventRecorder.ConcurrentWritersWithSmallRingsCountEveryDrop
+// caught it under TSan).
 
 namespace {
 
@@ -74,10 +75,17 @@ struct event_recorder::ring {
 
   // Consumer side; the caller holds the recorder's mutex_. Note [Compact block events].
   void drain_into(std::vector<trace_event>* out) {
-    const std::uint64_t f0 = full.first();
-    const std::uint64_t f1 = full.last();  // before the block ring's head: see the Note
     const std::uint64_t b0 = blocks.records.first();
-    const std::uint64_t b1 = blocks.records.last();
+    const std::uint64_t b1 = blocks.records.last();  // before the full ring's head: see the Note
+    const std::uint64_t f0 = full.first();
+    std::uint64_t f1 = full.last();
+    // Full events recorded after block b1: they and what follows wait for the next drain.
+    for (std::uint64_t f = f0; f != f1; ++f) {
+      if (full.at(f).block_seq > b1) {
+        f1 = f;
+        break;
+      }
+    }
     std::uint64_t b = b0;
     auto take_blocks_until = [&](std::uint64_t end) {
       for (; b != end; ++b) {
@@ -103,7 +111,7 @@ struct event_recorder::ring {
     }
     for (std::uint64_t f = f0; f != f1; ++f) {
       const full_slot& slot = full.at(f);
-      take_blocks_until(std::max(b, std::min(b1, slot.block_seq)));
+      take_blocks_until(std::max(b, slot.block_seq));  // never below: see the Note
       if (out != nullptr) out->push_back(slot.event);
     }
     take_blocks_until(b1);
