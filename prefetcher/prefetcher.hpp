@@ -9,8 +9,9 @@
 //   none       nothing at all: the runner fetches each tensor synchronously when backward asks
 //              (like save_on_cpu).
 // Under lookahead and one_layer a tensor first needed by the very step is returned whatever
-// the budget (it is demanded anyway). Each tensor is returned once per iteration (reset()
-// starts the next one).
+// the budget (it is demanded anyway); any other must fit beside what every step until its use
+// holds (Note [Held until used] in prefetcher.cpp). Each tensor is returned once per iteration
+// (reset() starts the next one), or again after unissue().
 //
 // Pure logic, no device; one training thread calls it (not thread-safe).
 #include <cstddef>
@@ -42,16 +43,21 @@ class prefetcher {
              prefetch_options options);
 
   // Called at the start of step `step` with the device bytes still free under the budget
-  // (budget minus what is allocated now; SIZE_MAX when there is no budget). What the step
-  // itself is about to allocate (its scratch and the tensors it produces) is taken out of it
-  // here. Returns the offloaded tensor ids whose swap-in to issue now, in issue order; nothing
-  // for forward steps. Tensors first needed by `step` (or earlier, if never issued) come first
-  // whatever the budget; the others only while their bytes fit, in order (one that does not
-  // fit holds back those behind it). A tensor is not returned before the step after its last
-  // forward use (it is not swapped out yet).
+  // (budget minus what is allocated now, counted as the profile counts it: a step's scratch is
+  // not held before the step; SIZE_MAX when there is no budget). What the step itself is about
+  // to allocate (its scratch and the tensors it produces) is taken out of it here, and what any
+  // later step before a tensor's first use holds beyond what is held now (Note [Held until
+  // used]). Returns the offloaded tensor ids whose swap-in to issue now, in issue order;
+  // nothing for forward steps. Tensors first needed by `step` (or earlier, if never issued)
+  // come first whatever the budget; the others only while their bytes fit, in order (one that
+  // does not fit holds back those behind it). A tensor is not returned before the step after
+  // its last forward use (it is not swapped out yet).
   std::vector<int> issue_before(int step, std::size_t free_budget_bytes);
   // The same, appending to `out` (no allocation once `out` has grown).
   void issue_before(int step, std::size_t free_budget_bytes, std::vector<int>& out);
+  // `tensor`, returned by issue_before, could not be brought in after all (the allocator had
+  // no block for it yet): it is pending again, and the next issue_before considers it first.
+  void unissue(int tensor);
   // A new iteration: every tensor may be issued again.
   void reset();
   // Replaces the plan (same profile and options) and resets; cheaper than a new prefetcher,
@@ -81,6 +87,13 @@ class prefetcher {
   std::vector<phase> phases_;
   std::vector<double> step_start_ns_;  // size steps+1: projected start of each step, then the end
   std::vector<std::size_t> step_own_bytes_;  // scratch + tensors produced by the step
+  // Note [Held until used]. Per tensor: bytes, producer step, last use.
+  std::vector<std::size_t> tensor_bytes_;
+  std::vector<int> tensor_producer_, tensor_last_use_;
+  std::vector<std::size_t> scratch_;     // per step
+  // Per step, under the current plan: the scratch and the tensors not offloaded that the step
+  // holds (kept_during_), and the tensors not offloaded held as it begins (kept_before_).
+  std::vector<std::size_t> kept_during_, kept_before_;
   std::vector<entry> by_need_;         // every tensor backward reads, by (first backward use, id)
   std::vector<entry> queue_;           // the offloaded ones, same order, with latest starts
   std::vector<int> position_;          // tensor -> index in queue_, -1 if not offloaded

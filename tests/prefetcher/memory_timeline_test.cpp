@@ -140,6 +140,32 @@ TEST(memory_timeline, prefetch_held_back_by_the_budget_comes_on_demand) {
   EXPECT_EQ(roomy.simulate({true, false, false, false}).prefetch_step[0], 5);
 }
 
+// Note [Held until used] in prefetcher.cpp: the model runs the prefetcher, so a swap-in that
+// would crowd a later step before its use is not issued early, and the peak stays what the
+// steps themselves need.
+TEST(memory_timeline, a_prefetch_does_not_crowd_a_later_step_before_its_use) {
+  // Eight layers of 60 MB (the last two 10 MB, kept), 0.6 ms copies; forward steps of 1 ms (each
+  // swap-out ends within the next step), backward steps of 0.25 ms: at backward step 8 the
+  // lookahead wants four tensors on their way. Step 9 has 50 MB of scratch.
+  workload_profile p = chain({60 * mb, 60 * mb, 60 * mb, 60 * mb, 60 * mb, 60 * mb, 10 * mb, 10 * mb}, 0.25e6);
+  for (int s = 0; s < 8; ++s) p.steps[static_cast<std::size_t>(s)].compute_ns = 1e6;
+  p.step_scratch_bytes.assign(16, 0);
+  p.step_scratch_bytes[9] = 50 * mb;
+  planner_options o;
+  o.budget_bytes = 150 * mb;  // 130 MB free as backward begins (tensors 6 and 7 held)
+  o.h2d_bandwidth = 100e9;
+  o.d2h_bandwidth = 100e9;
+  o.h2d_latency_ns = 0;
+  o.d2h_latency_ns = 0;
+  memory_timeline tl(p, o);
+  const timeline_result& r =
+      tl.simulate({true, true, true, true, true, true, false, false});
+  EXPECT_EQ(r.prefetch_step[5], 8);
+  EXPECT_EQ(r.prefetch_step[4], 10);  // not beside step 9 with tensor 5 and its scratch
+  EXPECT_LE(r.peak_bytes, o.budget_bytes);
+  EXPECT_EQ(r.step_bytes[9], 110 * mb);  // tensor 5 and the scratch, nothing issued early
+}
+
 TEST(memory_timeline, tensor_without_backward_use_is_never_offloaded) {
   workload_profile p = four_layers();
   p.tensors[0].use_steps = {1};

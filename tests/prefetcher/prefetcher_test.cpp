@@ -152,6 +152,50 @@ TEST(prefetcher_lookahead, a_tensor_that_does_not_fit_holds_back_those_behind_it
   EXPECT_EQ(pf.issue_before(10, 150 * mb), (std::vector<int>{4, 3}));
 }
 
+// Note [Held until used]: a swap-in holds its block until its tensor's use, so it must fit
+// beside every step in between, not only beside the step that issues it.
+TEST(prefetcher_lookahead, a_swap_in_must_fit_beside_every_step_until_its_use) {
+  workload_profile p = eight_layers(0.25e6);  // tensors 5, 4, 3, 2 are due at step 8
+  p.step_scratch_bytes.assign(16, 0);
+  p.step_scratch_bytes[9] = 50 * mb;  // backward step 9 (tensor 5's use) needs 50 MB more
+  prefetcher pf(p, first_six, link(prefetch_policy::lookahead, 100e9));
+  // At step 8, 130 MB are free and step 8 holds what it held as it began: tensor 5 fits.
+  // Tensor 4 (needed at step 10) would fit beside step 8 too (60 + 60 <= 130), but not beside
+  // step 9, which holds tensor 5 and its 50 MB of scratch: 60 + 60 + 50 > 130.
+  EXPECT_EQ(pf.issue_before(8, 130 * mb), std::vector<int>{5});
+  // Once step 9's scratch is not in the way any more, it goes.
+  EXPECT_EQ(pf.issue_before(10, 130 * mb), (std::vector<int>{4, 3}));
+
+  p.step_scratch_bytes[9] = 10 * mb;  // now all three fit through step 9: 60 + 60 + 10 <= 130
+  prefetcher roomy(p, first_six, link(prefetch_policy::lookahead, 100e9));
+  EXPECT_EQ(roomy.issue_before(8, 130 * mb), (std::vector<int>{5, 4}));
+}
+
+// A tensor kept on the device counts in every step it is alive in, not only where it is made.
+TEST(prefetcher_lookahead, tensors_kept_on_the_device_count_until_their_last_use) {
+  workload_profile p = eight_layers(0.25e6);
+  // Tensor 6 (10 MB, kept) is read again at step 9 instead of 8, and now weighs 50 MB.
+  p.tensors[6].bytes = 50 * mb;
+  p.tensors[6].use_steps = {7, 9};
+  prefetcher pf(p, first_six, link(prefetch_policy::lookahead, 100e9));
+  // At step 8 tensor 6 is already held (it is in the free figure): step 9 holds no more than
+  // step 8 besides tensor 5, so both 5 and 4 fit in 130 MB.
+  EXPECT_EQ(pf.issue_before(8, 130 * mb), (std::vector<int>{5, 4}));
+}
+
+TEST(prefetcher, a_tensor_handed_back_is_issued_again_first) {
+  const workload_profile p = eight_layers(1e6);
+  prefetcher pf(p, first_six, link(prefetch_policy::lookahead, 100e9));
+  ASSERT_EQ(pf.issue_before(8, unlimited), std::vector<int>{5});
+  pf.unissue(5);  // no block for it after all
+  EXPECT_FALSE(pf.issued(5));
+  EXPECT_EQ(pf.issue_before(9, unlimited), (std::vector<int>{5, 4}));
+  EXPECT_TRUE(pf.issued(5));
+  pf.unissue(7);   // not offloaded: nothing to hand back
+  pf.unissue(-1);  // nor out of range
+  EXPECT_EQ(pf.issue_before(10, unlimited), std::vector<int>{3});
+}
+
 TEST(prefetcher_lookahead, not_before_the_tensor_was_swapped_out) {
   // A tensor produced in backward (step 9) and read again at step 12: offloaded in between,
   // it cannot be fetched before step 10 even though its copy is long.
