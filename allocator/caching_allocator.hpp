@@ -18,7 +18,12 @@
 //   - A freed small block waits, unmerged, for a request of its exact size on its stream (a
 //     "fast bin"); it is merged with its free neighbours when a request misses, and before
 //     segments are released. It is free memory in every figure.
+//   - A free is applied (its block returned to the cache, its bytes taken out of the figures)
+//     within the next 16 frees or at the next call that looks at the cache, whichever comes
+//     first: stats, snapshot and every other method see every free made before them, and an
+//     allocation that the fast bins cannot serve sees them too (Note [Pipelined frees]).
 //   - Every method is thread-safe. deallocate is noexcept.
+#include <array>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -61,6 +66,9 @@ struct caching_allocator_options {
   // the fast bins off. It bounds how long one consolidation can take and how many pieces
   // the free memory may be in; the memory itself is never lost (a miss consolidates first).
   std::size_t fast_bin_limit = std::size_t{1} << 17;
+  // Frees go through a short pipeline that overlaps each one's cache misses with the next
+  // ones' (Note [Pipelined frees]); false applies each free inside its own call.
+  bool pipelined_frees = true;
 
   // Throws config_error naming the field.
   void validate() const;
@@ -163,6 +171,8 @@ class caching_allocator {
     // Precondition: no entry for `address`. May throw bad_alloc when it grows; then unchanged.
     void insert(std::uintptr_t address, block* b);
     block* find(std::uintptr_t address) const noexcept;
+    // Starts loading the line where `address` would be found (Note [Pipelined frees]).
+    void prefetch(std::uintptr_t address) const noexcept;
     // Removes and returns the entry, or nullptr if there is none.
     block* erase(std::uintptr_t address) noexcept;
     std::size_t size() const noexcept { return size_; }
@@ -198,6 +208,16 @@ class caching_allocator {
   block* take_block_locked(block& b, const request& req, bool in_pool);
   block* take_deferred_locked(block& b, std::uintptr_t address, const request& req);
   void free_block_locked(block* b) noexcept;
+  // Note [Pipelined frees]. The first takes a free out of the allocated index (stage 2), the
+  // second applies the oldest (stage 3), the third applies every free in the pipeline; the
+  // fourth is the third for the const readers (the books are brought up to date, nothing that
+  // a caller can tell apart changes).
+  void look_up_free_locked() noexcept;
+  void apply_oldest_free_locked() noexcept;
+  void apply_frees_locked() noexcept;
+  void apply_frees_locked() const noexcept;
+  // A free applied at once, without the pipeline; `b` is out of the index.
+  void release_allocated_locked(block* b) noexcept;
   // Merges a block whose state was just set to free with its free neighbours, and puts the
   // result in its pool.
   void merge_and_insert_locked(block* b) noexcept;
@@ -229,7 +249,6 @@ class caching_allocator {
   // for NVTX, a tool tracks this pool); they are out of line so the hot path stays small.
   double trace_time_ns() const noexcept;
   void trace_alloc(void* ptr, std::size_t size, stream_t stream) noexcept;
-  void trace_free(void* ptr, std::size_t size, stream_t stream) noexcept;
   // A marker and, unless `allocated` < 0, a device_memory counter sample.
   void trace_segment(event_kind kind, std::uintptr_t base, std::size_t size,
                      std::int64_t allocated, std::int64_t reserved) noexcept;
@@ -264,6 +283,23 @@ class caching_allocator {
   block_pool large_pool_{pool_kind::large};
   std::map<std::uintptr_t, segment> segments_;
   block_index allocated_;
+  // Note [Pipelined frees]: frees [frees_applied_, frees_made_) are in the pipeline, those
+  // before frees_looked_up_ already out of the index. Slot: the free's number % depth.
+  struct pipelined_free {
+    std::uintptr_t address = 0;
+    block* b = nullptr;      // set by the look-up; nullptr there means an invalid free
+    double trace_ns = -1;    // the call's trace timestamp, or < 0 when it was not traced
+  };
+  static constexpr std::size_t free_pipeline_depth = 16;
+  std::array<pipelined_free, free_pipeline_depth> free_pipeline_{};
+  std::uint64_t frees_made_ = 0;
+  std::uint64_t frees_looked_up_ = 0;
+  std::uint64_t frees_applied_ = 0;
+  // Allocated blocks with record_stream uses: while there are any, frees bypass the pipeline,
+  // so that each one's events are recorded in its own call (Note [Pipelined frees]).
+  std::size_t stream_use_blocks_ = 0;
+  // Our hook in recorder_ (Note [Pipelined frees]): applies the pipeline before a collect.
+  std::uint64_t collect_hook_id_ = 0;
   std::size_t deferred_blocks_ = 0;  // in the small pool's fast bins, all streams
   // Streams named by record_stream get a queue there, before any free needs one.
   std::vector<stream_queue> queues_;

@@ -222,7 +222,25 @@ event_recorder::ring* event_recorder::find_or_register_ring() noexcept {
   }
 }
 
+std::uint64_t event_recorder::add_collect_hook(std::function<void()> hook) {
+  std::lock_guard lock(hooks_mutex_);
+  const std::uint64_t id = next_hook_id_++;
+  collect_hooks_.emplace_back(id, std::move(hook));
+  return id;
+}
+
+void event_recorder::remove_collect_hook(std::uint64_t id) {
+  std::lock_guard lock(hooks_mutex_);
+  std::erase_if(collect_hooks_, [id](const auto& h) { return h.first == id; });
+}
+
+void event_recorder::run_collect_hooks() {
+  std::lock_guard lock(hooks_mutex_);
+  for (const auto& h : collect_hooks_) h.second();
+}
+
 std::vector<trace_event> event_recorder::collect() {
+  run_collect_hooks();
   std::vector<trace_event> out;
   {
     std::lock_guard lock(mutex_);
@@ -245,6 +263,7 @@ std::vector<trace_event> event_recorder::collect() {
 }
 
 void event_recorder::clear() {
+  run_collect_hooks();
   std::lock_guard lock(mutex_);
   auto keep = rings_.begin();
   for (auto& r : rings_) {

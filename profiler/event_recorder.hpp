@@ -18,8 +18,10 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "profiler/spsc_ring.hpp"
@@ -105,6 +107,12 @@ class event_recorder {
   void record_block(event_kind kind, double time_ns, std::uintptr_t address,
                     std::uint64_t bytes, std::uintptr_t stream) noexcept {
     if (!enabled_.load(std::memory_order_relaxed)) return;
+    record_block_enabled(kind, time_ns, address, bytes, stream);
+  }
+  // The same whatever enabled() says now: for an event of a call made while the recorder was
+  // enabled and recorded later (the caching allocator's pipelined frees).
+  void record_block_enabled(event_kind kind, double time_ns, std::uintptr_t address,
+                            std::uint64_t bytes, std::uintptr_t stream) noexcept {
     using namespace recorder_detail;
     const thread_cache& cache = tls_cache;
     std::uint64_t word = 0;
@@ -115,6 +123,15 @@ class event_recorder {
     }
     record_block_slow(kind, time_ns, address, bytes, stream);
   }
+
+  // For a producer that holds events back (the caching allocator's pipelined frees, whose
+  // events are recorded when the free is applied): collect() and clear() call every hook
+  // first, on their own thread, with no lock of the recorder's held, so that what the
+  // producer holds back is recorded before the rings are read. Returns an id for
+  // remove_collect_hook, which waits until no call to that hook is in flight; neither may be
+  // called from inside a hook, nor by a thread holding a lock that the hook takes.
+  std::uint64_t add_collect_hook(std::function<void()> hook);
+  void remove_collect_hook(std::uint64_t id);
 
   // Takes every buffered event out of the recorder, sorted by time_ns (stable).
   std::vector<trace_event> collect();
@@ -137,6 +154,7 @@ class event_recorder {
   ring* find_or_register_ring() noexcept;
   // Requires mutex_.
   std::uint64_t total_dropped_locked() const noexcept;
+  void run_collect_hooks();
 
   std::atomic<bool> enabled_{false};
   const std::uint64_t id_;  // unique per instance, so thread-local caches never alias
@@ -151,6 +169,12 @@ class event_recorder {
   std::vector<std::shared_ptr<ring>> rings_;
   std::uint64_t retired_dropped_ = 0;   // drops counted by rings retired after their thread exited
   std::uint64_t dropped_baseline_ = 0;  // total drops at the last clear()
+
+  // guards collect_hooks_ and next_hook_id_; held while the hooks run (so that removing one
+  // waits for its call), and never together with mutex_.
+  std::mutex hooks_mutex_;
+  std::vector<std::pair<std::uint64_t, std::function<void()>>> collect_hooks_;
+  std::uint64_t next_hook_id_ = 1;
 };
 
 // The process-wide recorder every layer reports to. Disabled until someone enables it (the

@@ -85,6 +85,32 @@ TEST(EventRecorder, BlockEventsComeOutAsAllocAndFreeMarkers) {
   for (const trace_event& e : events) EXPECT_EQ(e.stream, 3u) << e.time_ns;
 }
 
+// A producer that holds events back (the caching allocator's pipelined frees) records them in a
+// collect hook: collect() and clear() run the hooks before they read the rings, so what a hook
+// records comes out of that very collect (or is cleared with the rest), and record_block_enabled
+// records an event decided while the recorder was on even after it was switched off.
+TEST(EventRecorder, CollectHooksRecordWhatTheyHeldBackBeforeTheRingsAreRead) {
+  event_recorder recorder;
+  recorder.enable(true);
+  int held = 0;
+  const std::uint64_t id = recorder.add_collect_hook([&] {
+    for (; held > 0; --held) recorder.record_block_enabled(event_kind::free, 7, 0x1000, 512, 1);
+  });
+  held = 2;
+  recorder.enable(false);
+  auto events = recorder.collect();
+  EXPECT_EQ(events.size(), 2u);
+  EXPECT_EQ(held, 0);
+  held = 1;
+  recorder.clear();
+  EXPECT_EQ(held, 0);
+  EXPECT_EQ(recorder.collect().size(), 0u) << "a hook's records before clear() were cleared";
+  recorder.remove_collect_hook(id);
+  held = 1;
+  EXPECT_EQ(recorder.collect().size(), 0u);
+  EXPECT_EQ(held, 1) << "a removed hook was called";
+}
+
 // The stream is written only when it changes; every record must still come out with its own,
 // also when the change was read by an earlier collect.
 TEST(EventRecorder, BlockEventsKeepTheirStreamAcrossChangesAndCollects) {
