@@ -24,4 +24,14 @@ inline sim_options sim_with_capacity(std::size_t capacity = std::size_t{1} << 30
   return o;
 }
 
+// A GPU preset's timings with phantom bytes and room for the largest model's unlimited run
+// (GPT-7B), as `gpuswap simulate` has them.
+inline sim_options phantom_gpu(const char* gpu) {
+  sim_options so = sim_preset(gpu);
+  so.backing = sim_backing::phantom;
+  so.device_capacity = std::size_t{1} << 40;
+  so.host_capacity = std::size_t{1} << 42;
+  return so;
+}
+
 }  // namespace gpuswap::testing_support

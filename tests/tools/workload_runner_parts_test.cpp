@@ -11,6 +11,7 @@
 #include "allocator/caching_allocator.hpp"
 #include "device/sim_device.hpp"
 #include "prefetcher/offload_planner.hpp"
+#include "support/small_sim.hpp"
 #include "tools/model_spec.hpp"
 #include "tools/workload_graph.hpp"
 #include "tools/workload_runner.hpp"
@@ -18,14 +19,7 @@
 namespace gpuswap {
 namespace {
 
-// A GPU preset's timings, phantom bytes and room for GPT-7B's unlimited run.
-sim_options phantom_gpu(const char* gpu) {
-  sim_options so = sim_preset(gpu);
-  so.backing = sim_backing::phantom;
-  so.device_capacity = std::size_t{1} << 40;
-  so.host_capacity = std::size_t{1} << 42;
-  return so;
-}
+using testing_support::phantom_gpu;
 
 // Batch 1, modelled math (phantom bytes have no values), `steps` steps.
 runner_options modelled_run(int steps) {

@@ -10,21 +10,14 @@
 
 #include "device/sim_device.hpp"
 #include "prefetcher/offload_planner.hpp"
+#include "support/small_sim.hpp"
 #include "tools/model_spec.hpp"
 #include "tools/workload_runner.hpp"
 
 namespace gpuswap {
 namespace {
 
-// A GPU preset's timings with phantom bytes and room for the unlimited run, as `gpuswap
-// simulate` has them.
-sim_options phantom_gpu(const char* gpu) {
-  sim_options so = sim_preset(gpu);
-  so.backing = sim_backing::phantom;
-  so.device_capacity = std::size_t{1} << 40;
-  so.host_capacity = std::size_t{1} << 42;
-  return so;
-}
+using testing_support::phantom_gpu;
 
 struct budgeted_runs {
   run_report unlimited;
