@@ -33,7 +33,10 @@ static_assert(size_class_bins::granularity == caching_allocator::min_block_size 
 // passed, which is bounded by that one operation).
 // Reclaimers and the external reporter are called with no lock held, because they call back
 // into deallocate and into their own locks; reclaim_mutex_ guards only their registration.
-// No lock is recursive and no two are held together.
+// No lock is recursive and no two of the allocator's are held together. One outside lock comes
+// before mutex_: the recorder's collect hook (Note [Pipelined frees]) takes mutex_ while the
+// recorder holds its hooks mutex, and the allocator adds and removes that hook only in its
+// constructor and destructor, without mutex_, so the two are always taken in that order.
 
 // Note [Stream-ordered reuse]
 // A block belongs to the stream it was allocated on, and all blocks of a segment share the
@@ -137,13 +140,14 @@ static_assert(size_class_bins::granularity == caching_allocator::min_block_size 
 //     which is set only once a tool accepted a heap, and are empty when NVTX is compiled out.
 // Events are recorded after mutex_ is released, except for the rare segment maps and the frees
 // the pipeline applies (Note [Pipelined frees]); a record is a lock-free push, and the
-// recorder's own mutex (a thread's first record) is never held while it calls out. NVTX calls are never made with mutex_ held (the pool has its
-// own lock; Note [Locking] holds no two together) and are ordered so that the tool never sees a
-// block registered twice or unregistered after its reuse: a block is registered after allocate
-// handed it out (nobody else may free it yet) and unregistered before deallocate makes it
-// reusable; a segment is registered before it enters segments_ and unregistered after it left,
-// before free_device. `gpuswap bench alloc` measures the hooks against an allocator made with
-// trace_hooks = false, which skips them entirely.
+// recorder's own mutex (a thread's first record) is never held while it calls out. NVTX calls
+// are never made with mutex_ held (the pool has its own lock; Note [Locking] holds no two
+// together) and are ordered so that the tool never sees a block registered twice or
+// unregistered after its reuse: a block is registered after allocate handed it out (nobody
+// else may free it yet) and unregistered before deallocate makes it reusable; a segment is
+// registered before it enters segments_ and unregistered after it left, before free_device.
+// `gpuswap bench alloc` measures the hooks against an allocator made with trace_hooks = false,
+// which skips them entirely.
 
 // Note [OOM ladder]
 // A request the cache cannot serve climbs, each rung followed by a retry (search, then a new
@@ -539,6 +543,17 @@ block* caching_allocator::take_deferred_locked(block& b, std::uintptr_t address,
 
 // --- free ------------------------------------------------------------------------------------
 
+namespace {
+
+void log_invalid_free(const void* ptr) noexcept {
+  log().error(
+      "caching_allocator: deallocate of {} which it did not allocate "
+      "(double free or foreign pointer); ignored",
+      ptr);
+}
+
+}  // namespace
+
 void caching_allocator::deallocate(void* ptr) noexcept {
   if (ptr == nullptr) return;
   // Note [Profiling hooks]: before the block can be handed to another thread.
@@ -555,7 +570,8 @@ void caching_allocator::deallocate(void* ptr) noexcept {
       // Note [Pipelined frees]: stage 3 for the oldest, 2 for the middle one, 1 for this one.
       if (frees_made_ - frees_applied_ == free_pipeline_depth) apply_oldest_free_locked();
       if (frees_made_ - frees_looked_up_ == free_pipeline_depth / 2) look_up_free_locked();
-      free_pipeline_[frees_made_ % free_pipeline_depth] = pipelined_free{address, nullptr, trace_ns};
+      free_pipeline_[frees_made_ % free_pipeline_depth] =
+          pipelined_free{address, nullptr, trace_ns};
       ++frees_made_;
       allocated_.prefetch(address);
       return;
@@ -572,10 +588,7 @@ void caching_allocator::deallocate(void* ptr) noexcept {
     }
   }
   if (invalid) {
-    log().error(
-        "caching_allocator: deallocate of {} which it did not allocate "
-        "(double free or foreign pointer); ignored",
-        ptr);
+    log_invalid_free(ptr);
   } else if (traced) {
     recorder_.record_block_enabled(event_kind::free, trace_ns, address, size,
                                    static_cast<std::uintptr_t>(stream));
@@ -604,10 +617,7 @@ void caching_allocator::look_up_free_locked() noexcept {
   }
   ++stats_.num_invalid_frees;
   // Rare, and the call that made it has returned: logged here, under the lock.
-  log().error(
-      "caching_allocator: deallocate of {} which it did not allocate "
-      "(double free or foreign pointer); ignored",
-      reinterpret_cast<void*>(f.address));
+  log_invalid_free(reinterpret_cast<void*>(f.address));
 }
 
 void caching_allocator::apply_oldest_free_locked() noexcept {
@@ -1102,13 +1112,14 @@ void caching_allocator::trace_segment(event_kind kind, std::uintptr_t base, std:
 // in random order misses on the index slot and on the block. The mutex's atomic operations
 // order memory, so consecutive calls' misses do not overlap; within a call, a fast-bin
 // allocation overlaps its two (the bin carries the block's address, Note [Block layout]) while
-// a free cannot (the block is found through its slot): hence the pipeline of Note [Pipelined
-// frees], which spreads a free over three calls and prefetches ahead of each. Hence a flat index (one probe, usually
-// one cache line), the fast path confined to the block's first cache line, and no neighbour
-// touched on the fast path at all. Measured with `gpuswap bench alloc` (thread CPU ns per
-// alloc+free pair, every request a cache hit, medians on a shared 2-core VM), eager coalescing
-// then fast bins: 1,000 live 106-116 -> 57-60; 10,000 145-151 -> 64-67; 100,000 403-428 ->
-// 261-271, where the misses are most of what is left.
+// a free cannot (the block is found through its slot). Hence a flat index (one probe, usually
+// one cache line), the fast path confined to the block's first cache line, no neighbour
+// touched on the fast path at all, and the pipeline of Note [Pipelined frees], which spreads a
+// free over three calls and prefetches ahead of each. Measured with `gpuswap bench alloc`
+// (thread CPU ns per alloc+free pair, every request a cache hit, medians on a shared 2-core VM),
+// eager coalescing then fast bins: 1,000 live 106-116 -> 57-60; 10,000 145-151 -> 64-67;
+// 100,000 403-428 -> 261-271, where the misses were most of what was left (pipelined frees:
+// 238 -> 108).
 
 caching_allocator::block_index::block_index() {
   slots_.resize(1024);
