@@ -362,18 +362,17 @@ void* caching_allocator::allocate(std::size_t bytes, stream_t stream) {
 block* caching_allocator::search_locked(const request& req) {
   if (pending_events_total_ != 0) process_events_locked();
   block_pool& pool = pool_of(req.pool);
-  if (req.pool == pool_kind::small && deferred_blocks_ != 0) {
-    // Note [Deferred coalescing].
+  // Note [Deferred coalescing]: a fast bin of exactly this size.
+  auto pop_fast_bin = [&]() -> block* {
+    if (req.pool != pool_kind::small || deferred_blocks_ == 0) return nullptr;
     const size_class_bins::deferred_block d = small_pool_.pop_deferred(req.stream, req.size);
-    if (d.b != nullptr) return take_deferred_locked(*d.b, d.address, req);
-  }
+    return d.b != nullptr ? take_deferred_locked(*d.b, d.address, req) : nullptr;
+  };
+  if (block* b = pop_fast_bin()) return b;
   if (frees_applied_ != frees_made_) {
     // Note [Pipelined frees]: past the fast bins, the search sees every free made so far.
     apply_frees_locked();
-    if (req.pool == pool_kind::small && deferred_blocks_ != 0) {
-      const size_class_bins::deferred_block d = small_pool_.pop_deferred(req.stream, req.size);
-      if (d.b != nullptr) return take_deferred_locked(*d.b, d.address, req);
-    }
+    if (block* b = pop_fast_bin()) return b;
   }
   block* b = pool.best_fit(req.stream, req.size, opts_.max_split_size, large_buffer);
   if (b == nullptr && req.pool == pool_kind::small && deferred_blocks_ != 0 &&
