@@ -1,5 +1,6 @@
 #include "device/device.hpp"
 
+#include "core/errors.hpp"
 #include "core/fast_clock.hpp"
 
 namespace gpuswap {
@@ -12,6 +13,30 @@ void device::name_stream(stream_t, const char*) noexcept {}
 double device::host_time_ns() const {
   return static_cast<double>(fast_clock_ns() - created_ns_);
 }
+
+// Note [Device virtual memory]
+// Why a second way to get device memory: a segment from allocate_device is one piece of
+// physical memory at one address, so its free blocks can only serve requests that fit inside
+// them. Near the budget, a large request then fails while the free bytes would cover it
+// several times over, scattered between live blocks (fragmentation). With reserved address
+// space and pages mapped on demand, the allocator unmaps the free pages of such holes and maps
+// the same amount of memory again wherever address space is free: the budget counts mapped
+// pages, and address space is plentiful (CUDA gives 2^48 bytes). The defaults below are for a
+// device without the calls; sim_device and cuda_device implement them.
+std::size_t device::vm_page_size() const noexcept { return 0; }
+
+void* device::reserve_address_range(std::size_t) {
+  throw_device_error("reserve_address_range", "not_supported",
+                     "this device has no virtual memory management");
+}
+
+void device::release_address_range(void*, std::size_t) noexcept {}
+
+bool device::map_pages(void*, std::size_t) {
+  throw_device_error("map_pages", "not_supported", "this device has no virtual memory management");
+}
+
+void device::unmap_pages(void*, std::size_t) noexcept {}
 
 std::string_view to_string(copy_kind kind) noexcept {
   switch (kind) {

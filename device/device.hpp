@@ -88,6 +88,33 @@ class device {
   virtual void advise_managed(const void* ptr, std::size_t bytes, managed_advice advice) = 0;
   virtual memory_info memory() const = 0;
 
+  // --- virtual memory (Note [Device virtual memory], device.cpp) ---------------------------
+  // Address space reserved without memory behind it, and physical memory mapped into it and
+  // unmapped again a page at a time: CUDA's cuMemAddressReserve, cuMemCreate + cuMemMap +
+  // cuMemSetAccess, cuMemUnmap + cuMemRelease. The caching allocator grows and shrinks its
+  // expandable segments with them, so that free memory in the middle of a segment can be
+  // given back and mapped again where a large block needs it. A device without these calls
+  // returns 0 from vm_page_size(); the others then throw device_error (release and unmap do
+  // nothing).
+  //
+  // The page size: every size and address passed below is a multiple of it.
+  virtual std::size_t vm_page_size() const noexcept;
+  // Reserves `bytes` of device address space; nothing is mapped. nullptr when the address
+  // space is exhausted; throws device_error for other failures.
+  virtual void* reserve_address_range(std::size_t bytes);
+  // Gives a reservation back. Every page in it must have been unmapped.
+  virtual void release_address_range(void* base, std::size_t bytes) noexcept;
+  // Maps new device memory at [ptr, ptr + bytes), inside one reservation and not mapped now,
+  // readable and writable by the device; its contents are undefined. The pages count as used
+  // device memory (memory()) until unmapped. Returns false and maps nothing when device
+  // memory is exhausted; throws device_error (nothing mapped) for other failures. Each page
+  // can be unmapped on its own later.
+  virtual bool map_pages(void* ptr, std::size_t bytes);
+  // Unmaps [ptr, ptr + bytes) (pages mapped by map_pages, possibly several calls' worth, or
+  // part of one) and frees their memory. Like free_device, it does not wait for enqueued work:
+  // the caller makes sure none still uses the pages.
+  virtual void unmap_pages(void* ptr, std::size_t bytes) noexcept;
+
   // --- streams ----------------------------------------------------------------------------
   virtual stream_t create_stream(stream_priority priority) = 0;
   // Wraps a caller's native stream (a cudaStream_t on CUDA; 0 is the legacy default stream).
