@@ -2,7 +2,9 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 #include "core/errors.hpp"
@@ -14,17 +16,29 @@ std::size_t round_up(std::size_t n, std::size_t a) { return (n + a - 1) / a * a;
 // Freed spans at least this big are handed back to the kernel so that a long simulated run
 // with real backing does not keep every page it ever touched.
 constexpr std::size_t release_threshold = std::size_t{1} << 20;
+// The smallest host page of the platforms we run on; mmap's results are aligned to it.
+constexpr std::size_t host_page = 4096;
 }  // namespace
 
 address_range::address_range(std::size_t reserve_bytes, bool accessible, std::size_t alignment)
     : alignment_(alignment), accessible_(accessible) {
-  reserved_ = round_up(reserve_bytes, std::size_t{2} << 20);
+  reserved_ = round_up(reserve_bytes, std::max(std::size_t{2} << 20, alignment));
+  // mmap aligns to the host page only: reserve `alignment` more and give the slack at both ends
+  // back, so that the base, and with it every allocation, is aligned (the simulated virtual
+  // memory's pages are 2 MiB like CUDA's, and callers may rely on it).
+  const std::size_t slack = alignment > host_page ? alignment : 0;
   int prot = accessible ? (PROT_READ | PROT_WRITE) : PROT_NONE;
-  void* p = mmap(nullptr, reserved_, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* p = mmap(nullptr, reserved_ + slack, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
   if (p == MAP_FAILED) {
     throw_device_error("mmap", std::strerror(errno), "reserving simulated address space");
   }
-  base_ = static_cast<char*>(p);
+  char* raw = static_cast<char*>(p);
+  const auto raw_address = reinterpret_cast<std::uintptr_t>(raw);
+  const std::size_t head = slack == 0 ? 0 : round_up(raw_address, alignment) - raw_address;
+  if (head > 0) munmap(raw, head);
+  if (slack - head > 0) munmap(raw + head + reserved_, slack - head);
+  base_ = raw + head;
   free_.emplace(0, reserved_);
 }
 

@@ -12,7 +12,8 @@ namespace gpuswap {
 class address_range {
  public:
   // Reserves `reserve_bytes` of address space; `accessible` maps it read/write (pages are only
-  // backed when touched), otherwise PROT_NONE. Throws device_error if the reservation fails.
+  // backed when touched), otherwise PROT_NONE. The base and every allocation are aligned to
+  // `alignment`. Throws device_error if the reservation fails.
   address_range(std::size_t reserve_bytes, bool accessible, std::size_t alignment);
   ~address_range();
   address_range(const address_range&) = delete;

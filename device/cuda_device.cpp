@@ -1,5 +1,6 @@
 #include "device/cuda_device.hpp"
 
+#include <cuda.h>  // the driver's types only: its calls come through driver_entry_point
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
@@ -11,9 +12,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <iterator>
 #include <limits>
+#include <map>
 #include <memory>
 #include <new>
+#include <string>
 #include <string_view>
 #include <utility>
 
@@ -86,25 +90,29 @@ void check_open(cudaError_t status, std::string_view call) {
   check(status, call);
 }
 
-// cuDevicePrimaryCtxGetState through the runtime's driver entry points, so that we need no link
-// against libcuda (absent on build machines). Null when the driver does not provide it.
-PFN_cuDevicePrimaryCtxGetState_v7000 primary_ctx_get_state() noexcept {
-  static const PFN_cuDevicePrimaryCtxGetState_v7000 fn = []() noexcept {
-    void* entry = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+// A driver function through the runtime's driver entry points, so that we need no link against
+// libcuda (absent on build machines), in its CUDA 12.0 ABI, which the PFN_ types used with it
+// describe. Null when the driver does not provide it.
+template <typename Fn>
+Fn driver_entry_point(const char* symbol) noexcept {
+  void* entry = nullptr;
+  cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
 #if CUDART_VERSION >= 12050
-    const cudaError_t status = cudaGetDriverEntryPointByVersion(
-        "cuDevicePrimaryCtxGetState", &entry, 12000, cudaEnableDefault, &found);
+  const cudaError_t status =
+      cudaGetDriverEntryPointByVersion(symbol, &entry, 12000, cudaEnableDefault, &found);
 #else
-    const cudaError_t status =
-        cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &entry, cudaEnableDefault, &found);
+  const cudaError_t status = cudaGetDriverEntryPoint(symbol, &entry, cudaEnableDefault, &found);
 #endif
-    if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return PFN_cuDevicePrimaryCtxGetState_v7000{nullptr};
-    }
-    return reinterpret_cast<PFN_cuDevicePrimaryCtxGetState_v7000>(entry);
-  }();
+  if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    return Fn{nullptr};
+  }
+  return reinterpret_cast<Fn>(entry);
+}
+
+PFN_cuDevicePrimaryCtxGetState_v7000 primary_ctx_get_state() noexcept {
+  static const auto fn =
+      driver_entry_point<PFN_cuDevicePrimaryCtxGetState_v7000>("cuDevicePrimaryCtxGetState");
   return fn;
 }
 
@@ -197,6 +205,141 @@ void CUDART_CB run_host_function(void* user_data) {
   }
 }
 
+// Note [CUDA virtual memory]
+// The virtual-memory calls are the driver's (cuMem*), reached through driver_entry_point and
+// resolved once, on first use (a function-local static: thread-safe). If any is missing, or
+// the device lacks the feature, vm_page_size() is 0 and the calls behave as device.hpp says a
+// device without them does. The page is the driver's minimum granularity for device memory (2
+// MiB on current GPUs).
+// map_pages creates one physical allocation (cuMemCreate) per page and maps each on its own,
+// because cuMemUnmap can only unmap whole mappings: the allocator later unmaps single pages in
+// the middle of what one call mapped. One cuMemSetAccess then covers the whole span. A
+// failure part way undoes what the call had mapped, so a call maps all of its pages or none
+// (PyTorch #188008 was a half-done multi-step map): CUDA_ERROR_OUT_OF_MEMORY is the answer
+// false, anything else throws. A span larger than the device's memory is false at once rather
+// than after creating pages until the driver runs out.
+// Unmap and release run without device_scope, like the other free paths (Note [Current
+// device]), and do not wait for enqueued work: as with free_device, the caller has made sure
+// none still uses the pages (PyTorch's expandable segments synchronise before cuMemUnmap for
+// the same reason).
+
+struct vmm_driver {
+  PFN_cuMemAddressReserve_v10020 address_reserve = nullptr;
+  PFN_cuMemAddressFree_v10020 address_free = nullptr;
+  PFN_cuMemCreate_v10020 create = nullptr;
+  PFN_cuMemRelease_v10020 release = nullptr;
+  PFN_cuMemMap_v10020 map = nullptr;
+  PFN_cuMemUnmap_v10020 unmap = nullptr;
+  PFN_cuMemSetAccess_v10020 set_access = nullptr;
+  PFN_cuMemGetAllocationGranularity_v10020 granularity = nullptr;
+  PFN_cuDeviceGetAttribute_v2000 device_attribute = nullptr;
+  PFN_cuGetErrorName_v6000 error_name = nullptr;  // optional: errors then carry the number
+
+  bool complete() const noexcept {
+    return address_reserve && address_free && create && release && map && unmap && set_access &&
+           granularity && device_attribute;
+  }
+};
+
+const vmm_driver& vmm() noexcept {
+  static const vmm_driver driver = []() noexcept {
+    vmm_driver d;
+    d.address_reserve = driver_entry_point<PFN_cuMemAddressReserve_v10020>("cuMemAddressReserve");
+    d.address_free = driver_entry_point<PFN_cuMemAddressFree_v10020>("cuMemAddressFree");
+    d.create = driver_entry_point<PFN_cuMemCreate_v10020>("cuMemCreate");
+    d.release = driver_entry_point<PFN_cuMemRelease_v10020>("cuMemRelease");
+    d.map = driver_entry_point<PFN_cuMemMap_v10020>("cuMemMap");
+    d.unmap = driver_entry_point<PFN_cuMemUnmap_v10020>("cuMemUnmap");
+    d.set_access = driver_entry_point<PFN_cuMemSetAccess_v10020>("cuMemSetAccess");
+    d.granularity = driver_entry_point<PFN_cuMemGetAllocationGranularity_v10020>(
+        "cuMemGetAllocationGranularity");
+    d.device_attribute = driver_entry_point<PFN_cuDeviceGetAttribute_v2000>("cuDeviceGetAttribute");
+    d.error_name = driver_entry_point<PFN_cuGetErrorName_v6000>("cuGetErrorName");
+    return d;
+  }();
+  return driver;
+}
+
+static_assert(sizeof(CUmemGenericAllocationHandle) == sizeof(std::uint64_t));
+static_assert(sizeof(CUdeviceptr) == sizeof(std::uintptr_t));
+
+using page_handles = std::map<std::uintptr_t, std::uint64_t>;  // page address -> its allocation
+
+std::string driver_error_name(CUresult status) {
+  const char* name = nullptr;
+  if (vmm().error_name != nullptr && vmm().error_name(status, &name) == CUDA_SUCCESS &&
+      name != nullptr) {
+    return name;
+  }
+  return fmt::format("CUresult {}", static_cast<int>(status));
+}
+
+// The noexcept paths' report of a failed driver call.
+void log_driver_failure(CUresult status, std::string_view call) noexcept {
+  // At process exit the driver may already be gone; there is nothing left to release then.
+  if (status == CUDA_SUCCESS || status == CUDA_ERROR_DEINITIALIZED) return;
+  try {
+    log().error("cuda: {} failed with {}", call, driver_error_name(status));
+  } catch (...) {
+  }
+}
+
+CUmemAllocationProp device_allocation(int ordinal) noexcept {
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = ordinal;
+  return prop;
+}
+
+std::size_t query_vm_page_size(int ordinal) noexcept {
+  const vmm_driver& d = vmm();
+  if (!d.complete()) return 0;
+  // The runtime's and the driver's ordinals agree (both honour CUDA_VISIBLE_DEVICES), as
+  // has_primary_context assumes too.
+  int supported = 0;
+  if (d.device_attribute(&supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+                         ordinal) != CUDA_SUCCESS ||
+      supported == 0) {
+    return 0;
+  }
+  const CUmemAllocationProp prop = device_allocation(ordinal);
+  std::size_t granularity = 0;
+  if (d.granularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS) {
+    return 0;
+  }
+  return granularity;
+}
+
+bool inside_one_reservation(const std::map<std::uintptr_t, std::size_t>& reservations,
+                            std::uintptr_t base, std::size_t bytes) noexcept {
+  auto it = reservations.upper_bound(base);
+  if (it == reservations.begin()) return false;
+  --it;
+  const std::uintptr_t end = it->first + it->second;
+  return base < end && bytes <= end - base;
+}
+
+// Moves the entries of [base, base + bytes) from `from` to `to` (node moves: no allocation).
+void extract_pages(page_handles& from, std::uintptr_t base, std::size_t bytes,
+                   page_handles& to) noexcept {
+  auto it = from.lower_bound(base);
+  while (it != from.end() && it->first - base < bytes) {
+    auto next = std::next(it);
+    to.insert(from.extract(it));
+    it = next;
+  }
+}
+
+// Unmaps each page and releases its allocation; the memory is free once both are done.
+void release_pages(const page_handles& pages, std::size_t page) noexcept {
+  const vmm_driver& d = vmm();
+  for (const auto& [address, handle] : pages) {
+    log_driver_failure(d.unmap(address, page), "cuMemUnmap");
+    log_driver_failure(d.release(handle), "cuMemRelease");
+  }
+}
+
 }  // namespace
 
 int cuda_device::device_count(std::string* why) noexcept {
@@ -248,6 +391,8 @@ cuda_device::cuda_device(int ordinal) : ordinal_(ordinal) {
   cudaDeviceProp props{};
   check(cudaGetDeviceProperties(&props, ordinal), "cudaGetDeviceProperties");
   name_ = fmt::format("{} (cuda:{})", props.name, ordinal);
+  total_memory_ = props.totalGlobalMem;
+  vm_page_size_ = query_vm_page_size(ordinal);
   check(cudaDeviceGetStreamPriorityRange(&least_priority_, &greatest_priority_),
         "cudaDeviceGetStreamPriorityRange");
 }
@@ -265,6 +410,20 @@ cuda_device::~cuda_device() {
   }
   for (const auto native : streams) {
     log_failure(cudaStreamDestroy(reinterpret_cast<cudaStream_t>(native)), "cudaStreamDestroy");
+  }
+  // What callers left mapped or reserved (their bug, but the memory is the GPU's).
+  page_handles pages;
+  std::map<std::uintptr_t, std::size_t> reservations;
+  {
+    std::lock_guard lock(vm_mutex_);
+    pages.swap(vm_pages_);
+    reservations.swap(vm_reservations_);
+  }
+  if (vm_page_size_ != 0) {
+    release_pages(pages, vm_page_size_);
+    for (const auto& [base, bytes] : reservations) {
+      log_driver_failure(vmm().address_free(base, bytes), "cuMemAddressFree");
+    }
   }
 }
 
@@ -363,6 +522,166 @@ memory_info cuda_device::memory() const {
   std::size_t total_bytes = 0;
   check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
   return {free_bytes, total_bytes};
+}
+
+// --- virtual memory (Note [CUDA virtual memory]) --------------------------------------------
+
+std::size_t cuda_device::vm_page_size() const noexcept { return vm_page_size_; }
+
+void* cuda_device::reserve_address_range(std::size_t bytes) {
+  const std::size_t page = vm_page_size_;
+  if (page == 0) return device::reserve_address_range(bytes);
+  if (bytes == 0 || bytes % page != 0) {
+    throw_device_error("reserve_address_range", "gpuswap_invalid_value",
+                       fmt::format("{} bytes is not a nonzero multiple of the {}-byte page",
+                                   bytes, page));
+  }
+  device_scope scope(ordinal_);
+  CUdeviceptr base = 0;
+  const CUresult status = vmm().address_reserve(&base, bytes, page, 0, 0);
+  if (status == CUDA_ERROR_OUT_OF_MEMORY) return nullptr;
+  if (status != CUDA_SUCCESS) {
+    throw_device_error("cuMemAddressReserve", driver_error_name(status),
+                       fmt::format("reserving {} bytes of address space", bytes));
+  }
+  try {
+    std::lock_guard lock(vm_mutex_);
+    vm_reservations_.emplace(base, bytes);
+  } catch (...) {
+    log_driver_failure(vmm().address_free(base, bytes), "cuMemAddressFree");
+    throw;
+  }
+  return reinterpret_cast<void*>(base);
+}
+
+void cuda_device::release_address_range(void* base, std::size_t bytes) noexcept {
+  if (vm_page_size_ == 0 || base == nullptr) return;
+  const auto address = reinterpret_cast<std::uintptr_t>(base);
+  page_handles leftovers;
+  bool known = false;
+  {
+    std::lock_guard lock(vm_mutex_);
+    auto it = vm_reservations_.find(address);
+    if (it != vm_reservations_.end() && it->second == bytes) {
+      known = true;
+      vm_reservations_.erase(it);
+      extract_pages(vm_pages_, address, bytes, leftovers);
+    }
+  }
+  if (!known) {
+    try {
+      log().error("cuda: release_address_range of [{}, +{}), not a reservation of this device",
+                  base, bytes);
+    } catch (...) {
+    }
+    return;
+  }
+  if (!leftovers.empty()) {
+    try {
+      log().debug("cuda: release_address_range [{}, +{}) unmaps {} page(s) still mapped (the "
+                  "caller's bug: device.hpp asks for every page to be unmapped first)",
+                  base, bytes, leftovers.size());
+    } catch (...) {
+    }
+    release_pages(leftovers, vm_page_size_);
+  }
+  log_driver_failure(vmm().address_free(address, bytes), "cuMemAddressFree");
+}
+
+bool cuda_device::map_pages(void* ptr, std::size_t bytes) {
+  const std::size_t page = vm_page_size_;
+  if (page == 0) return device::map_pages(ptr, bytes);
+  const auto base = reinterpret_cast<std::uintptr_t>(ptr);
+  if (bytes == 0 || bytes % page != 0 || base % page != 0) {
+    throw_device_error("map_pages", "gpuswap_invalid_value",
+                       fmt::format("[{}, +{}) is not a nonzero number of whole {}-byte pages",
+                                   ptr, bytes, page));
+  }
+  {
+    std::lock_guard lock(vm_mutex_);
+    if (!inside_one_reservation(vm_reservations_, base, bytes)) {
+      throw_device_error("map_pages", "gpuswap_invalid_value",
+                         fmt::format("[{}, +{}) is not inside one reserved address range", ptr,
+                                     bytes));
+    }
+    auto mapped = vm_pages_.lower_bound(base);
+    if (mapped != vm_pages_.end() && mapped->first - base < bytes) {
+      throw_device_error("map_pages", "gpuswap_invalid_value",
+                         fmt::format("[{}, +{}) has pages mapped already", ptr, bytes));
+    }
+  }
+  if (bytes > total_memory_) return false;
+  device_scope scope(ordinal_);
+  const vmm_driver& d = vmm();
+  const CUmemAllocationProp prop = device_allocation(ordinal_);
+  page_handles fresh;
+  CUresult status = CUDA_SUCCESS;
+  std::string_view failed_call;
+  for (std::uintptr_t address = base; address - base < bytes; address += page) {
+    CUmemGenericAllocationHandle handle = 0;
+    status = d.create(&handle, page, &prop, 0);
+    if (status != CUDA_SUCCESS) {
+      failed_call = "cuMemCreate";
+      break;
+    }
+    status = d.map(address, page, 0, handle, 0);
+    if (status != CUDA_SUCCESS) {
+      log_driver_failure(d.release(handle), "cuMemRelease");
+      failed_call = "cuMemMap";
+      break;
+    }
+    try {
+      fresh.emplace(address, handle);
+    } catch (...) {
+      log_driver_failure(d.unmap(address, page), "cuMemUnmap");
+      log_driver_failure(d.release(handle), "cuMemRelease");
+      release_pages(fresh, page);
+      throw;
+    }
+  }
+  if (status == CUDA_SUCCESS) {
+    CUmemAccessDesc access{};
+    access.location = prop.location;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    status = d.set_access(base, bytes, &access, 1);
+    if (status != CUDA_SUCCESS) failed_call = "cuMemSetAccess";
+  }
+  if (status != CUDA_SUCCESS) {
+    release_pages(fresh, page);
+    if (status == CUDA_ERROR_OUT_OF_MEMORY) return false;
+    throw_device_error(failed_call, driver_error_name(status),
+                       fmt::format("mapping [{}, +{})", ptr, bytes));
+  }
+  std::lock_guard lock(vm_mutex_);
+  vm_pages_.merge(fresh);
+  return true;
+}
+
+void cuda_device::unmap_pages(void* ptr, std::size_t bytes) noexcept {
+  const std::size_t page = vm_page_size_;
+  if (page == 0 || ptr == nullptr || bytes == 0) return;
+  const auto base = reinterpret_cast<std::uintptr_t>(ptr);
+  if (bytes % page != 0 || base % page != 0) {
+    try {
+      log().error("cuda: unmap_pages of [{}, +{}) ignored: not whole {}-byte pages", ptr, bytes,
+                  page);
+    } catch (...) {
+    }
+    return;
+  }
+  page_handles gone;
+  {
+    std::lock_guard lock(vm_mutex_);
+    extract_pages(vm_pages_, base, bytes, gone);
+  }
+  if (gone.size() < bytes / page) {
+    try {
+      log().debug("cuda: unmap_pages [{}, +{}) skipped {} of its {} pages: not mapped", ptr,
+                  bytes, bytes / page - gone.size(), bytes / page);
+    } catch (...) {
+    }
+  }
+  release_pages(gone, page);
 }
 
 // --- streams --------------------------------------------------------------------------------

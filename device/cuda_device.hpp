@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <span>
 #include <string>
@@ -57,6 +58,15 @@ class cuda_device final : public device {
                         stream_t stream) override;
   void advise_managed(const void* ptr, std::size_t bytes, managed_advice advice) override;
   memory_info memory() const override;
+  // Virtual memory through the driver's cuMem* calls, reached through the runtime's driver
+  // entry points (no link against libcuda). vm_page_size() is the driver's minimum granularity
+  // for device memory of this ordinal, 0 when the driver lacks a call or the device the
+  // feature. See Note [CUDA virtual memory] in cuda_device.cpp.
+  std::size_t vm_page_size() const noexcept override;
+  void* reserve_address_range(std::size_t bytes) override;
+  void release_address_range(void* base, std::size_t bytes) noexcept override;
+  bool map_pages(void* ptr, std::size_t bytes) override;
+  void unmap_pages(void* ptr, std::size_t bytes) noexcept override;
   stream_t create_stream(stream_priority priority) override;
   stream_t wrap_native_stream(void* native) override;
   void* native_stream(stream_t stream) const override;
@@ -97,6 +107,15 @@ class cuda_device final : public device {
   mutable std::mutex registry_mutex_;
   std::unordered_set<std::uintptr_t> owned_streams_;
   std::unordered_set<std::uintptr_t> owned_events_;
+
+  std::size_t vm_page_size_ = 0;   // set at construction; 0: no virtual memory management
+  std::size_t total_memory_ = 0;   // the device's, for map_pages' "can never fit" answer
+  // guards vm_reservations_ (base -> bytes) and vm_pages_ (mapped page address -> the
+  // CUmemGenericAllocationHandle behind it); held only to look up, insert or extract entries,
+  // never across a driver call.
+  mutable std::mutex vm_mutex_;
+  std::map<std::uintptr_t, std::size_t> vm_reservations_;
+  std::map<std::uintptr_t, std::uint64_t> vm_pages_;
 };
 
 }  // namespace gpuswap

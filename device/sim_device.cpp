@@ -1,21 +1,28 @@
 #include "device/sim_device.hpp"
 
 #include <pthread.h>
+#include <sys/mman.h>
 
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <iterator>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 
 #include "core/errors.hpp"
+#include "core/logging.hpp"
 #include "device/address_range.hpp"
 
 namespace gpuswap {
@@ -38,6 +45,19 @@ namespace gpuswap {
 namespace {
 
 constexpr std::size_t device_alignment = 512;  // cudaMalloc aligns to at least 256 bytes
+
+// The virtual-memory region: this many device capacities of address space, at most
+// vm_region_cap bytes (Note [Simulated virtual memory]).
+constexpr std::size_t vm_region_factor = 64;
+constexpr std::size_t vm_region_cap = std::size_t{16} << 40;
+
+// Logs a misuse that a noexcept call can only report.
+void log_error_noexcept(std::string_view what) noexcept {
+  try {
+    log().error("sim: {}", what);
+  } catch (...) {
+  }
+}
 
 struct record_token {
   explicit record_token(double t) : time_ns(t) {}
@@ -84,6 +104,67 @@ struct managed_allocation {
   std::uint64_t last_touch = 0;
 };
 
+// The mapped pages of one reservation, as runs of page indices, adjacent runs merged: a span
+// mapped by several map_pages calls is one run, so "is all of it mapped" is one lookup, and the
+// cost does not grow with the size of a reservation (a bitmap of a 4 KiB-page model's
+// terabytes would).
+class page_runs {
+ public:
+  using run = std::pair<std::size_t, std::size_t>;  // first page, page count
+
+  // True if any page of [first, first + count) is mapped.
+  bool any(std::size_t first, std::size_t count) const {
+    auto it = runs_.lower_bound(first);
+    if (it != runs_.end() && it->first < first + count) return true;
+    if (it == runs_.begin()) return false;
+    --it;
+    return it->first + it->second > first;
+  }
+  // True if every page of [first, first + count) is mapped.
+  bool all(std::size_t first, std::size_t count) const {
+    auto it = runs_.upper_bound(first);
+    if (it == runs_.begin()) return false;
+    --it;
+    return it->first + it->second >= first + count;
+  }
+  // Marks [first, first + count) mapped; none of it may be mapped now.
+  void insert(std::size_t first, std::size_t count) {
+    auto next = runs_.lower_bound(first);
+    if (next != runs_.end() && next->first == first + count) {
+      count += next->second;
+      next = runs_.erase(next);
+    }
+    if (next != runs_.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == first) {
+        prev->second += count;
+        return;
+      }
+    }
+    runs_.emplace_hint(next, first, count);
+  }
+  // Marks the mapped pages of [first, first + count) unmapped; returns the runs that were.
+  std::vector<run> erase(std::size_t first, std::size_t count) {
+    std::vector<run> erased;
+    const std::size_t end = first + count;
+    auto it = runs_.upper_bound(first);
+    if (it != runs_.begin() && std::prev(it)->first + std::prev(it)->second > first) --it;
+    while (it != runs_.end() && it->first < end) {
+      const std::size_t run_first = it->first;
+      const std::size_t run_end = it->first + it->second;
+      const std::size_t lo = std::max(run_first, first);
+      const std::size_t hi = std::min(run_end, end);
+      erased.emplace_back(lo, hi - lo);
+      it = runs_.erase(it);
+      if (run_first < lo) runs_.emplace(run_first, lo - run_first);
+      if (hi < run_end) it = runs_.emplace(hi, run_end - hi).first;  // starts at `end`: loop ends
+    }
+    return erased;
+  }
+ private:
+  std::map<std::size_t, std::size_t> runs_;  // first page -> page count
+};
+
 }  // namespace
 
 struct sim_device::impl {
@@ -105,6 +186,12 @@ struct sim_device::impl {
   std::size_t managed_resident = 0;
   std::uint64_t touch_clock = 0;
   std::unordered_map<const void*, managed_allocation> managed;
+  // Virtual memory (Note [Simulated virtual memory]): the region reservations are carved from,
+  // made on first use, and each reservation's mapped pages by its base.
+  std::unique_ptr<address_range> vm_mem;
+  std::unordered_map<const void*, page_runs> vm_reservations;
+  std::size_t vm_mapped = 0;  // included in device_used
+  std::size_t vm_reserved = 0;
 
   // --- scheduling: guarded by sched_mutex (lock order: sched_mutex, then a stream's mutex) ---
   mutable std::mutex sched_mutex;
@@ -266,8 +353,112 @@ struct sim_device::impl {
     }
   }
 
+  // --- virtual memory: the helpers below but charge_host are called with mem_mutex held ---
+
+  // The modelled host cost of a map or unmap call (Note [Simulated virtual memory]). Takes
+  // sched_mutex, so never called with mem_mutex held (fault_in_managed takes them the other
+  // way round).
+  void charge_host(double ns) {
+    std::lock_guard lock(sched_mutex);
+    if (ns > 0) advance_host_to(host_now + ns);
+  }
+
+
+  // The region reservations come from, made on first use.
+  address_range& vm_region_locked() {
+    if (vm_mem) return *vm_mem;
+    std::size_t bytes = std::min(opt.device_capacity, vm_region_cap / vm_region_factor) *
+                        vm_region_factor;
+    for (;;) {
+      try {
+        vm_mem = std::make_unique<address_range>(bytes, /*accessible=*/false, opt.vm_page_size);
+        return *vm_mem;
+      } catch (const device_error&) {
+        // A host with less address space to give (ThreadSanitizer keeps a few TiB for the
+        // program): half as much, down to one device's worth.
+        if (bytes / 2 < opt.device_capacity) throw;
+        bytes /= 2;
+      }
+    }
+  }
+
+  bool in_vm_region_locked(const void* p) const { return vm_mem && vm_mem->contains_address(p); }
+
+  // Pages [first, first + count) of the reservation at `base`.
+  struct vm_span {
+    char* base;
+    page_runs* pages;
+    std::size_t first;
+    std::size_t count;
+  };
+
+  // The pages of [p, p + bytes), which must be whole pages inside one live reservation; throws
+  // device_error naming `call` otherwise.
+  vm_span vm_pages_locked(const void* p, std::size_t bytes, std::string_view call) {
+    const std::size_t page = opt.vm_page_size;
+    if (bytes == 0 || bytes % page != 0 || reinterpret_cast<std::uintptr_t>(p) % page != 0) {
+      throw_device_error(call, "sim_invalid_value",
+                         fmt::format("[{}, +{}) is not a nonzero number of whole {}-byte pages",
+                                     p, bytes, page));
+    }
+    std::optional<address_range::span_info> span;
+    if (vm_mem) span = vm_mem->find(p);
+    const std::size_t offset =
+        span ? static_cast<std::size_t>(static_cast<const char*>(p) - span->base) : 0;
+    if (!span || bytes > span->bytes - offset) {
+      throw_device_error(call, "sim_invalid_value",
+                         fmt::format("[{}, +{}) is not inside one reserved address range of {}",
+                                     p, bytes, opt.preset));
+    }
+    return vm_span{span->base, &vm_reservations.at(span->base), offset / page, bytes / page};
+  }
+
+  // True when [p, p + bytes) lies in mapped pages of one reservation.
+  bool vm_mapped_locked(const void* p, std::size_t bytes) const {
+    if (!vm_mem) return false;
+    auto span = vm_mem->find(p);
+    if (!span) return false;
+    const auto offset = static_cast<std::size_t>(static_cast<const char*>(p) - span->base);
+    bytes = std::max<std::size_t>(bytes, 1);
+    if (bytes > span->bytes - offset) return false;
+    const std::size_t page = opt.vm_page_size;
+    const std::size_t first = offset / page;
+    const std::size_t last = (offset + bytes + page - 1) / page;
+    return vm_reservations.at(span->base).all(first, last - first);
+  }
+
+  // Unmaps the mapped pages of `span` (skipping the others); returns how many there were.
+  std::size_t unmap_locked(const vm_span& span) {
+    const std::size_t page = opt.vm_page_size;
+    std::size_t pages = 0;
+    for (const auto& [first, count] : span.pages->erase(span.first, span.count)) {
+      if (opt.backing == sim_backing::real) {
+        // The bytes go back to the host, and a later touch faults at once, as an access to an
+        // unmapped device address does, instead of reading what was there.
+        char* at = span.base + first * page;
+        madvise(at, count * page, MADV_DONTNEED);
+        if (mprotect(at, count * page, PROT_NONE) != 0) {
+          log_error_noexcept(fmt::format("mprotect(PROT_NONE) of unmapped pages failed: {}",
+                                         std::strerror(errno)));
+        }
+      }
+      pages += count;
+    }
+    device_used -= pages * page;
+    vm_mapped -= pages * page;
+    return pages;
+  }
+
   void check_device_span(const void* p, std::size_t bytes, std::string_view call) {
     std::lock_guard lock(mem_mutex);
+    if (in_vm_region_locked(p)) {
+      if (!vm_mapped_locked(p, bytes)) {
+        throw_device_error(call, "sim_illegal_address",
+                           fmt::format("[{}, +{}) is not inside mapped pages of one reservation",
+                                       p, bytes));
+      }
+      return;
+    }
     const address_range* r = device_mem.contains_address(p) ? &device_mem
                              : managed_mem.contains_address(p) ? &managed_mem
                                                                : nullptr;
@@ -285,7 +476,7 @@ struct sim_device::impl {
 
   void check_host_span(const void* p, std::size_t bytes, std::string_view call) {
     std::lock_guard lock(mem_mutex);
-    if (device_mem.contains_address(p)) {
+    if (device_mem.contains_address(p) || in_vm_region_locked(p)) {
       throw_device_error(call, "sim_invalid_value", fmt::format("{} is device memory", p));
     }
     if (!pinned_mem.contains_address(p)) return;  // pageable host memory: allowed, as in CUDA
@@ -301,6 +492,11 @@ struct sim_device::impl {
   // use-after-free bug an allocator must never cause, so the model reports it at launch.
   void check_touched(const touched_buffer& t) {
     std::lock_guard lock(mem_mutex);
+    if (in_vm_region_locked(t.ptr) && !vm_mapped_locked(t.ptr, t.bytes)) {
+      throw_device_error("launch", "sim_illegal_address",
+                         fmt::format("kernel touches [{}, +{}) outside mapped pages", t.ptr,
+                                     t.bytes));
+    }
     for (const address_range* r : {&device_mem, &pinned_mem, &managed_mem}) {
       if (!r->contains_address(t.ptr)) continue;
       auto span = r->find(t.ptr);
@@ -516,7 +712,134 @@ memory_info sim_device::memory() const {
 bool sim_device::owns(const void* ptr) const {
   std::lock_guard lock(impl_->mem_mutex);
   return impl_->device_mem.find(ptr) || impl_->pinned_mem.find(ptr) ||
-         impl_->managed_mem.find(ptr);
+         impl_->managed_mem.find(ptr) || impl_->vm_mapped_locked(ptr, 1);
+}
+
+// --- virtual memory ----------------------------------------------------------------------------
+
+// Note [Simulated virtual memory]
+// Reservations are carved from one PROT_NONE region of the host's address space, made on the
+// first reserve_address_range: 64 device capacities, room for an allocator that reserves a few
+// capacities per stream, but at most 16 TiB, so that a few of the 1 TiB phantom devices the
+// tests and `gpuswap simulate` use fit in the host's 128 TiB. On a host with less address
+// space to give it halves, down to one capacity. The region is an address_range aligned to the
+// page size, so reservations are page-aligned, as CUDA's are. Mapping draws on the budget
+// allocate_device draws on (device_used, after evicting managed pages as allocate_device does)
+// and, with real backing, makes the pages readable and writable and poisons them; unmapping
+// gives the bytes back (MADV_DONTNEED) and makes the pages PROT_NONE again, so that a use after
+// unmap faults at once, as an access to an unmapped device address does, instead of reading
+// stale bytes. Copies and kernels check their spans against the mapped pages, as they check
+// live allocations, and report an unmapped one as an illegal address. The calls are
+// synchronous host calls on CUDA, so each moves the host clock by its modelled cost
+// (sim_options::vm_*): a map_pages that fails for want of memory costs its fixed part only.
+
+std::size_t sim_device::vm_page_size() const noexcept { return impl_->opt.vm_page_size; }
+
+void* sim_device::reserve_address_range(std::size_t bytes) {
+  const std::size_t page = impl_->opt.vm_page_size;
+  if (page == 0) return device::reserve_address_range(bytes);
+  if (bytes == 0 || bytes % page != 0) {
+    throw_device_error("reserve_address_range", "sim_invalid_value",
+                       fmt::format("{} bytes is not a nonzero multiple of the {}-byte page",
+                                   bytes, page));
+  }
+  std::lock_guard lock(impl_->mem_mutex);
+  address_range& region = impl_->vm_region_locked();
+  void* base = region.allocate(bytes);
+  if (base == nullptr) return nullptr;
+  try {
+    impl_->vm_reservations.emplace(base, page_runs{});
+  } catch (...) {
+    region.free(base);
+    throw;
+  }
+  impl_->vm_reserved += bytes;
+  return base;
+}
+
+void sim_device::release_address_range(void* base, std::size_t bytes) noexcept {
+  if (impl_->opt.vm_page_size == 0 || base == nullptr) return;
+  try {
+    std::size_t pages = 0;
+    {
+      std::lock_guard lock(impl_->mem_mutex);
+      std::optional<address_range::span_info> span;
+      if (impl_->vm_mem) span = impl_->vm_mem->find(base);
+      if (!span || span->base != base || span->bytes != bytes) {
+        throw_device_error("release_address_range", "sim_invalid_value",
+                           fmt::format("[{}, +{}) is not a reservation of this device", base,
+                                       bytes));
+      }
+      pages = impl_->unmap_locked(impl_->vm_pages_locked(base, bytes, "release_address_range"));
+      impl_->vm_reservations.erase(base);
+      impl_->vm_mem->free(base);
+      impl_->vm_reserved -= bytes;
+    }
+    if (pages > 0) {
+      log().debug("sim: release_address_range [{}, +{}) unmapped {} page(s) still mapped (the "
+                  "caller's bug: device.hpp asks for every page to be unmapped first)",
+                  base, bytes, pages);
+      impl_->charge_host(impl_->opt.vm_call_ns +
+                         static_cast<double>(pages) * impl_->opt.vm_unmap_ns_per_page);
+    }
+  } catch (const std::exception& e) {
+    log_error_noexcept(fmt::format("release_address_range ignored: {}", e.what()));
+  }
+}
+
+bool sim_device::map_pages(void* ptr, std::size_t bytes) {
+  const std::size_t page = impl_->opt.vm_page_size;
+  if (page == 0) return device::map_pages(ptr, bytes);
+  // Counted first, so that fail_nth counts every call; a caller's bug is reported even by a
+  // call chosen to fail.
+  const bool faulted = impl_->fault(sim_call::vm_map);
+  bool mapped = false;
+  {
+    std::lock_guard lock(impl_->mem_mutex);
+    const impl::vm_span span = impl_->vm_pages_locked(ptr, bytes, "map_pages");
+    if (span.pages->any(span.first, span.count)) {
+      throw_device_error("map_pages", "sim_invalid_value",
+                         fmt::format("[{}, +{}) has pages mapped already", ptr, bytes));
+    }
+    if (!faulted) {
+      impl_->make_room_locked(bytes, nullptr);
+      if (impl_->device_used + impl_->managed_resident + bytes <= impl_->opt.device_capacity) {
+        if (impl_->opt.backing == sim_backing::real &&
+            mprotect(ptr, bytes, PROT_READ | PROT_WRITE) != 0) {
+          throw_device_error("map_pages", "sim_host_mprotect_failed", std::strerror(errno));
+        }
+        span.pages->insert(span.first, span.count);
+        impl_->device_used += bytes;
+        impl_->vm_mapped += bytes;
+        impl_->poison(ptr, bytes);
+        mapped = true;
+      }
+    }
+  }
+  impl_->charge_host(impl_->opt.vm_call_ns +
+                     (mapped ? static_cast<double>(bytes / page) * impl_->opt.vm_map_ns_per_page
+                             : 0.0));
+  return mapped;
+}
+
+void sim_device::unmap_pages(void* ptr, std::size_t bytes) noexcept {
+  const std::size_t page = impl_->opt.vm_page_size;
+  if (page == 0 || bytes == 0) return;
+  try {
+    std::size_t pages = 0;
+    {
+      std::lock_guard lock(impl_->mem_mutex);
+      pages = impl_->unmap_locked(impl_->vm_pages_locked(ptr, bytes, "unmap_pages"));
+    }
+    if (pages < bytes / page) {
+      log().debug("sim: unmap_pages [{}, +{}) skipped {} of its {} pages: not mapped", ptr,
+                  bytes, bytes / page - pages, bytes / page);
+    }
+    impl_->charge_host(impl_->opt.vm_call_ns +
+                       static_cast<double>(pages) * impl_->opt.vm_unmap_ns_per_page);
+  } catch (const std::exception& e) {
+    log_error_noexcept(fmt::format("unmap_pages ignored: {}", e.what()));
+  }
 }
 
 // --- streams -----------------------------------------------------------------------------------
@@ -852,6 +1175,8 @@ sim_counters sim_device::counters() const {
   std::lock_guard lock(impl_->mem_mutex);
   c.device_used = impl_->device_used + impl_->managed_resident;
   c.pinned_used = impl_->pinned_used;
+  c.vm_mapped = impl_->vm_mapped;
+  c.vm_reserved = impl_->vm_reserved;
   return c;
 }
 
@@ -882,6 +1207,7 @@ std::string_view to_string(sim_call call) noexcept {
     case sim_call::launch: return "launch";
     case sim_call::event_record: return "event_record";
     case sim_call::event_wait: return "event_wait";
+    case sim_call::vm_map: return "vm_map";
     case sim_call::count_: break;
   }
   return "?";

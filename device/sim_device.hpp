@@ -11,10 +11,11 @@
 // streams are real and ThreadSanitizer sees them; they never decide a modelled time.
 //
 // The host has a modelled clock too (now_ns). It advances when the host waits
-// (synchronize_*), and by advance_host_ns for modelled host work. query_event answers by the
-// modelled clock: an event is complete when its modelled time is not after the host's; when the
-// answer is "complete" the call also waits until the worker has really finished, so a caller can
-// never observe an unfinished copy through query_event.
+// (synchronize_*), by advance_host_ns for modelled host work, and by the modelled cost of
+// map_pages and unmap_pages (sim_options::vm_*). query_event answers by the modelled clock: an
+// event is complete when its modelled time is not after the host's; when the answer is
+// "complete" the call also waits until the worker has really finished, so a caller can never
+// observe an unfinished copy through query_event.
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -56,6 +57,18 @@ struct sim_options {
   // returns whatever was there: code that reads memory it never wrote shows up as wrong
   // numbers on the simulator too, instead of reading the zeros of fresh host pages.
   bool poison_fresh_memory = true;
+  // Virtual memory management (device.hpp: reserve_address_range, map_pages, unmap_pages). The
+  // page size every size and address of those calls is a multiple of: CUDA's granularity on
+  // current GPUs. 0 models a device without the calls (vm_page_size() reports 0, and the
+  // others behave as on such a device).
+  std::size_t vm_page_size = std::size_t{2} << 20;
+  // Host time of those calls, which are synchronous host calls on CUDA (cuMemCreate + cuMemMap
+  // per page and one cuMemSetAccess; cuMemUnmap + cuMemRelease per page): vm_call_ns per
+  // map_pages / unmap_pages call plus a cost per page. Estimates, not measurements (REFERENCE.md
+  // has no figures): to be replaced by what a GPU session measures.
+  double vm_call_ns = 2'000;
+  double vm_map_ns_per_page = 1'000;
+  double vm_unmap_ns_per_page = 500;
   // Test hook: each worker sleeps a random 0..worker_jitter_us before each operation, to show
   // that modelled times do not depend on thread timing.
   unsigned worker_jitter_us = 0;
@@ -80,7 +93,8 @@ enum class sim_call : int {
   launch,
   event_record,
   event_wait,
-  count_  // number of kinds
+  vm_map,  // map_pages: a failed one returns false and maps nothing, as on an exhausted device
+  count_   // number of kinds
 };
 std::string_view to_string(sim_call call) noexcept;
 
@@ -103,6 +117,8 @@ struct sim_counters {
   std::uint64_t managed_bytes_migrated = 0;
   std::size_t device_used = 0;             // device bytes allocated (incl. resident managed)
   std::size_t pinned_used = 0;
+  std::size_t vm_mapped = 0;    // device bytes mapped by map_pages (included in device_used)
+  std::size_t vm_reserved = 0;  // address space held by reserve_address_range
 };
 
 class sim_device final : public device {
@@ -123,6 +139,14 @@ class sim_device final : public device {
                         stream_t stream) override;
   void advise_managed(const void* ptr, std::size_t bytes, managed_advice advice) override;
   memory_info memory() const override;
+  // Virtual memory: Note [Simulated virtual memory] in sim_device.cpp. Address space comes from
+  // a PROT_NONE region of the host's, made on first use; with real backing a mapped page is
+  // readable and writable and an unmapped one faults (SIGSEGV) if anything touches it.
+  std::size_t vm_page_size() const noexcept override;
+  void* reserve_address_range(std::size_t bytes) override;
+  void release_address_range(void* base, std::size_t bytes) noexcept override;
+  bool map_pages(void* ptr, std::size_t bytes) override;
+  void unmap_pages(void* ptr, std::size_t bytes) noexcept override;
   stream_t create_stream(stream_priority priority) override;
   stream_t wrap_native_stream(void* native) override;
   void* native_stream(stream_t stream) const override;
@@ -174,7 +198,8 @@ class sim_device final : public device {
   sim_counters counters() const;
 
   // Fault injection: the n-th call of `kind` from now (1 = the next one) fails: allocations
-  // return nullptr, the others throw device_error ("sim_fault_injected") and enqueue nothing.
+  // return nullptr, map_pages returns false, the others throw device_error
+  // ("sim_fault_injected") and enqueue nothing.
   void fail_nth(sim_call kind, std::uint64_t n);
   // Every call of `kind` fails until clear_faults().
   void fail_always(sim_call kind);
@@ -182,7 +207,8 @@ class sim_device final : public device {
   // Calls of `kind` made so far (failed ones included).
   std::uint64_t calls(sim_call kind) const;
 
-  // True if ptr lies in memory this device handed out (device, pinned or managed), live.
+  // True if ptr lies in memory this device handed out (device, pinned or managed), live, or in
+  // a page mapped by map_pages.
   bool owns(const void* ptr) const;
 
  private:

@@ -78,6 +78,13 @@ void sim_options::validate() const {
     throw_config_error("managed_page_bytes", fmt::format("{}", managed_page_bytes),
                        "a power of two > 0");
   }
+  if (vm_page_size != 0 && (vm_page_size < 4096 || (vm_page_size & (vm_page_size - 1)) != 0)) {
+    throw_config_error("vm_page_size", fmt::format("{}", vm_page_size),
+                       "0 (no virtual memory management) or a power of two >= 4096");
+  }
+  non_negative("vm_call_ns", vm_call_ns);
+  non_negative("vm_map_ns_per_page", vm_map_ns_per_page);
+  non_negative("vm_unmap_ns_per_page", vm_unmap_ns_per_page);
 }
 
 }  // namespace gpuswap

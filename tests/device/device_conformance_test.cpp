@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -221,6 +222,109 @@ TYPED_TEST(device_conformance, managed_memory_can_be_prefetched_and_advised) {
   d.synchronize_stream(s);
   d.free_managed(m);
   d.destroy_stream(s);
+}
+
+// --- virtual memory (device.hpp): skipped, visibly, on a backend without it --------------------
+
+#define SKIP_WITHOUT_VM(d)                                                                    \
+  if ((d).vm_page_size() == 0) GTEST_SKIP() << (d).name() << " has no virtual memory management"
+
+TYPED_TEST(device_conformance, vm_reservations_are_page_aligned_and_bad_sizes_throw) {
+  device& d = *this->dev_;
+  SKIP_WITHOUT_VM(d);
+  const std::size_t page = d.vm_page_size();
+  EXPECT_EQ(page & (page - 1), 0u) << page;
+  void* r = d.reserve_address_range(8 * page);
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(r) % page, 0u);
+  EXPECT_THROW(d.reserve_address_range(0), device_error);
+  EXPECT_THROW(d.reserve_address_range(page + page / 2), device_error);
+  char* base = static_cast<char*>(r);
+  EXPECT_THROW(d.map_pages(base + page / 2, page), device_error);
+  EXPECT_THROW(d.map_pages(base, page / 2), device_error);
+  EXPECT_THROW(d.map_pages(base + 7 * page, 2 * page), device_error) << "past the reservation";
+  ASSERT_TRUE(d.map_pages(base + 2 * page, 2 * page));
+  EXPECT_THROW(d.map_pages(base + 3 * page, 2 * page), device_error) << "a page is mapped";
+  d.unmap_pages(base + 2 * page, 2 * page);
+  d.release_address_range(r, 8 * page);
+}
+
+TYPED_TEST(device_conformance, vm_mapped_pages_count_as_device_memory_until_unmapped) {
+  device& d = *this->dev_;
+  SKIP_WITHOUT_VM(d);
+  const std::size_t page = d.vm_page_size();
+  char* r = static_cast<char*>(d.reserve_address_range(16 * page));
+  ASSERT_NE(r, nullptr);
+  const std::size_t before = d.memory().free_bytes;
+  ASSERT_TRUE(d.map_pages(r + 2 * page, 4 * page));
+  ASSERT_TRUE(d.map_pages(r + 6 * page, 2 * page));
+  EXPECT_LE(d.memory().free_bytes, before - 6 * page);
+  d.unmap_pages(r + 3 * page, page);  // one page of the first map, alone
+  // Pages of both maps and the hole at once (the hole is skipped).
+  d.unmap_pages(r + 2 * page, 6 * page);
+  // A real GPU's free memory moves with other processes; allow a page either way.
+  EXPECT_GE(d.memory().free_bytes + page, before);
+  // Everything can be mapped again, in other pieces.
+  ASSERT_TRUE(d.map_pages(r, 16 * page));
+  d.unmap_pages(r, 16 * page);
+  d.release_address_range(r, 16 * page);
+}
+
+TYPED_TEST(device_conformance, vm_map_beyond_the_device_returns_false_and_maps_nothing) {
+  device& d = *this->dev_;
+  SKIP_WITHOUT_VM(d);
+  const std::size_t page = d.vm_page_size();
+  const std::size_t bytes = (d.memory().total_bytes / page + 1) * page;
+  char* r = static_cast<char*>(d.reserve_address_range(bytes));
+  ASSERT_NE(r, nullptr);
+  const std::size_t before = d.memory().free_bytes;
+  bool mapped = true;
+  EXPECT_NO_THROW(mapped = d.map_pages(r, bytes));
+  EXPECT_FALSE(mapped);
+  EXPECT_GE(d.memory().free_bytes + page, before);
+  EXPECT_TRUE(d.map_pages(r, page)) << "nothing was left mapped by the failed call";
+  d.unmap_pages(r, page);
+  d.release_address_range(r, bytes);
+}
+
+TYPED_TEST(device_conformance, vm_copies_through_mapped_pages_keep_every_byte) {
+  if (!TypeParam::has_bytes) GTEST_SKIP() << "phantom backing has no bytes";
+  device& d = *this->dev_;
+  SKIP_WITHOUT_VM(d);
+  const std::size_t page = d.vm_page_size();
+  char* r = static_cast<char*>(d.reserve_address_range(4 * page));
+  char* other = static_cast<char*>(d.reserve_address_range(4 * page));
+  ASSERT_TRUE(r && other);
+  ASSERT_TRUE(d.map_pages(r, 2 * page));
+  ASSERT_TRUE(d.map_pages(r + 2 * page, page));  // the span below crosses two maps
+  ASSERT_TRUE(d.map_pages(other, 3 * page));
+  const std::size_t n = 3 * page;
+  auto* src = static_cast<unsigned char*>(d.allocate_pinned(n));
+  auto* dst = static_cast<unsigned char*>(d.allocate_pinned(n));
+  ASSERT_TRUE(src && dst);
+  for (std::size_t i = 0; i < n; ++i) src[i] = static_cast<unsigned char>(i * 131 + 7);
+  std::memset(dst, 0, n);
+  stream_t s = d.create_stream(stream_priority::normal);
+  d.copy_async(r, src, n, copy_kind::host_to_device, s);
+  d.copy_async(other, r, n, copy_kind::device_to_device, s);
+  d.copy_async(dst, other, n, copy_kind::device_to_host, s);
+  d.synchronize_stream(s);
+  EXPECT_EQ(std::memcmp(src, dst, n), 0);
+  // Unmapping one page leaves its neighbours' bytes where they were.
+  d.unmap_pages(other + page, page);
+  std::memset(dst, 0, n);
+  d.copy_async(dst, other, page, copy_kind::device_to_host, s);
+  d.copy_async(dst + 2 * page, other + 2 * page, page, copy_kind::device_to_host, s);
+  d.synchronize_stream(s);
+  EXPECT_EQ(std::memcmp(src, dst, page), 0);
+  EXPECT_EQ(std::memcmp(src + 2 * page, dst + 2 * page, page), 0);
+  d.destroy_stream(s);
+  d.free_pinned(src);
+  d.free_pinned(dst);
+  d.unmap_pages(r, 4 * page);
+  d.unmap_pages(other, 4 * page);
+  d.release_address_range(r, 4 * page);
+  d.release_address_range(other, 4 * page);
 }
 
 }  // namespace
