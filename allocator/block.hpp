@@ -2,14 +2,19 @@
 // block and segment: the caching allocator's bookkeeping for the memory it holds.
 //
 // Glossary
-//   segment   one allocation obtained from device::allocate_device; never split across pools
-//             or streams: every block of a segment carries the segment's stream.
+//   segment   one allocation obtained from device::allocate_device, or (expandable) a range of
+//             address space from device::reserve_address_range whose pages are mapped on
+//             demand; never split across pools or streams: every block of a segment carries
+//             the segment's stream.
 //   block     a piece of a segment, [address, address + size). The blocks of a segment tile it
 //             exactly, linked in address order by prev/next.
 //   state     allocated (handed to a caller), pending (freed, but another stream may still use
 //             it: waits for events), free (in a block_pool, reusable on its stream), deferred
 //             (freed into a fast bin, not yet merged with its neighbours: reusable on its
-//             stream for a request of exactly its size; Note [Deferred coalescing]).
+//             stream for a request of exactly its size; Note [Deferred coalescing]),
+//             unmapped (address space of an expandable segment with no memory behind it; its
+//             ends are on page boundaries), unmapping (free memory whose pages are being
+//             unmapped: waits for its stream's work; Note [Expandable segments]).
 #include <boost/intrusive/list_hook.hpp>
 #include <boost/intrusive/set_hook.hpp>
 #include <cstddef>
@@ -21,7 +26,7 @@
 namespace gpuswap {
 
 enum class pool_kind : std::uint8_t { small, large };
-enum class block_state : std::uint8_t { allocated, pending, free, deferred };
+enum class block_state : std::uint8_t { allocated, pending, free, deferred, unmapped, unmapping };
 
 struct segment;
 
@@ -98,6 +103,11 @@ struct segment {
   // Being returned to the device: out of the pools and the figures, waiting for its stream's
   // work (caching_allocator::release_unused_segments).
   bool releasing = false;
+  // Note [Expandable segments] (caching_allocator_expandable.cpp): `size` is the reserved
+  // address space, `mapped` the bytes of it counted in reserved_bytes: all but its unmapped
+  // and unmapping blocks, which are whole pages.
+  bool expandable = false;
+  std::size_t mapped = 0;
 };
 
 }  // namespace gpuswap

@@ -7,6 +7,7 @@
 #include <limits>
 #include <utility>
 
+#include "allocator/caching_allocator_stats_math.hpp"
 #include "allocator/oom_report.hpp"
 #include "core/errors.hpp"
 #include "core/logging.hpp"
@@ -27,8 +28,9 @@ static_assert(size_class_bins::granularity == caching_allocator::min_block_size 
 // (cudaFree synchronises), synchronize_event and synchronize. Those paths count the bytes
 // involved in in_flight_bytes_ so that the budget holds while the lock is dropped, drop the
 // lock, make the call, and take the lock again; whatever they decide afterwards is decided
-// again from the state they find. create_event, record_event and query_event are called under
-// the lock: by the device contract they enqueue or poll and never wait for device work (the
+// again from the state they find. create_event, record_event, query_event, map_pages and
+// unmap_pages are called under the lock: by the device contract they enqueue, poll or change
+// mappings and never wait for device work (Note [Expandable segments]; the
 // simulator's query_event may wait for a worker to finish an operation whose modelled time has
 // passed, which is bounded by that one operation).
 // Reclaimers and the external reporter are called with no lock held, because they call back
@@ -158,33 +160,11 @@ static_assert(size_class_bins::granularity == caching_allocator::min_block_size 
 // A request larger than the whole budget skips the ladder: no release or eviction can serve it,
 // and evicting everything for nothing would be the worst answer.
 
+using namespace caching_detail;
+
 namespace {
 
 constexpr int max_reclaim_rounds = 64;
-
-constexpr std::size_t round_up(std::size_t value, std::size_t unit) noexcept {
-  return (value + unit - 1) / unit * unit;
-}
-
-stat_pool stat_pool_of(pool_kind kind) noexcept {
-  return kind == pool_kind::small ? stat_pool::small : stat_pool::large;
-}
-
-// add and sub run a dozen times per allocation and free; GCC left them out of line, which
-// showed as a call per stat in profiles of the hot path.
-[[gnu::always_inline]] inline void add(stat_array& a, pool_kind kind,
-                                       std::int64_t amount) noexcept {
-  a[stat_pool::all].increase(amount);
-  a[stat_pool_of(kind)].increase(amount);
-}
-
-[[gnu::always_inline]] inline void sub(stat_array& a, pool_kind kind,
-                                       std::int64_t amount) noexcept {
-  a[stat_pool::all].decrease(amount);
-  a[stat_pool_of(kind)].decrease(amount);
-}
-
-std::int64_t signed_size(std::size_t n) noexcept { return static_cast<std::int64_t>(n); }
 
 // The stats that taking a block for a request changes, and those that freeing it does.
 void count_take(allocator_stats& s, pool_kind kind, std::int64_t size,
@@ -212,6 +192,9 @@ const char* state_name(block_state state) noexcept {
     case block_state::free:
     case block_state::deferred:  // free memory awaiting coalescing: Note [Deferred coalescing]
       return "inactive";
+    case block_state::unmapped:
+    case block_state::unmapping:  // Note [Expandable segments]: no memory (soon) behind it
+      return "unmapped";
   }
   return "unknown";
 }
@@ -258,6 +241,15 @@ caching_allocator::caching_allocator(device& dev, caching_allocator_options opts
                        "above the device's physical capacity");
   }
   budget_ = opts_.device_limit != 0 ? opts_.device_limit : info.total_bytes;
+  if (opts_.expandable_segments) {
+    page_size_ = dev_.vm_page_size();
+    if (page_size_ == 0) {
+      log().warn(
+          "caching_allocator: expandable_segments needs virtual memory management, which {} "
+          "does not have; large requests use plain segments",
+          dev_.name());
+    }
+  }
   // Note [Pipelined frees]: a trace collected between two calls sees every free made before.
   collect_hook_id_ = recorder_.add_collect_hook([this] {
     std::lock_guard lock(mutex_);
@@ -282,8 +274,15 @@ caching_allocator::~caching_allocator() {
   }
   if (!lock.owns_lock()) lock.lock();
   std::vector<void*> bases;
+  std::vector<const segment*> reservations;  // Note [Expandable segments]
   bases.reserve(segments_.size());
-  for (const auto& [base, seg] : segments_) bases.push_back(reinterpret_cast<void*>(base));
+  for (const auto& [base, seg] : segments_) {
+    if (seg.expandable) {
+      reservations.push_back(&seg);
+    } else {
+      bases.push_back(reinterpret_cast<void*>(base));
+    }
+  }
   std::vector<event_t> events = std::move(spare_events_);
   for (const stream_queue& q : queues_) {
     for (const block::stream_use* u = q.head; u != nullptr; u = u->next) events.push_back(u->event);
@@ -292,6 +291,7 @@ caching_allocator::~caching_allocator() {
   lock.unlock();
   if (hooks_) {
     for (void* base : bases) nvtx_pool_.unregister_segment(base);
+    for (const segment* seg : reservations) nvtx_pool_.unregister_segment(reinterpret_cast<void*>(seg->base));
   }
   try {
     dev_.synchronize();  // Note [Work in flight on released segments]
@@ -299,6 +299,13 @@ caching_allocator::~caching_allocator() {
     log().warn("caching_allocator: waiting for the device at destruction failed: {}", e.what());
   }
   for (void* base : bases) dev_.free_device(base);
+  // No other thread may use the allocator now, so its segments can be read without the lock.
+  for (const segment* seg : reservations) {
+    for (const auto& [address, bytes] : mapped_spans(*seg)) {
+      dev_.unmap_pages(reinterpret_cast<void*>(address), bytes);
+    }
+    dev_.release_address_range(reinterpret_cast<void*>(seg->base), seg->size);
+  }
   for (event_t e : events) dev_.destroy_event(e);
 }
 
@@ -386,6 +393,7 @@ block* caching_allocator::search_locked(const request& req) {
 block* caching_allocator::search_or_new_segment(std::unique_lock<std::mutex>& lock,
                                                 const request& req) {
   if (block* b = search_locked(req)) return b;
+  if (page_size_ != 0 && req.pool == pool_kind::large) return grow_expandable(lock, req);
   return new_segment(lock, req);
 }
 
@@ -825,7 +833,8 @@ std::vector<segment*> caching_allocator::pick_unused_segments_locked(std::size_t
   std::vector<segment*> unused;
   for (auto& [base, seg] : segments_) {
     const block* b = seg.first;
-    if (!seg.releasing && b->next == nullptr && b->state == block_state::free) {
+    if (!seg.releasing && !seg.expandable && b->next == nullptr &&
+        b->state == block_state::free) {
       unused.push_back(&seg);
     }
   }
@@ -850,10 +859,27 @@ std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mut
                                                        std::size_t wanted) {
   ++stats_.num_cache_flushes;
   consolidate_all_locked();  // Note [Deferred coalescing]
+  std::size_t total = release_whole_segments(lock, wanted);
+  if (page_size_ != 0) {
+    // Note [Expandable segments]: their free pages are given back the same way.
+    if (total < wanted) total += unmap_free_pages(lock, wanted == SIZE_MAX ? SIZE_MAX : wanted - total);
+    if (wanted == SIZE_MAX) release_empty_reservations(lock);
+  }
+  return total;
+}
+
+std::size_t caching_allocator::release_whole_segments(std::unique_lock<std::mutex>& lock,
+                                                      std::size_t wanted) {
   const std::vector<segment*> victims = pick_unused_segments_locked(wanted);
   if (victims.empty()) return 0;
   std::vector<std::pair<std::uintptr_t, std::size_t>> released;
   released.reserve(victims.size());  // before anything changes, as it may throw
+  std::vector<stream_t> streams;
+  for (const segment* seg : victims) {
+    if (std::find(streams.begin(), streams.end(), seg->stream) == streams.end()) {
+      streams.push_back(seg->stream);
+    }
+  }
   // Out of the pools and the figures now, so that nobody allocates from them while the lock is
   // dropped; still in segments_ (marked releasing) until the device has them back, so that a
   // failed wait can put them back untouched.
@@ -870,7 +896,7 @@ std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mut
   const std::int64_t reserved_now = stats_.reserved_bytes.all().current;
   // Note [Work in flight on released segments].
   std::vector<event_t> waits;
-  const bool whole_device = !record_release_waits_locked(victims, waits);
+  const bool whole_device = !record_stream_waits_locked(streams, waits);
   lock.unlock();
   try {
     if (whole_device) {
@@ -919,15 +945,9 @@ std::size_t caching_allocator::release_unused_segments(std::unique_lock<std::mut
   return total;
 }
 
-bool caching_allocator::record_release_waits_locked(const std::vector<segment*>& victims,
-                                                    std::vector<event_t>& waits) noexcept {
+bool caching_allocator::record_stream_waits_locked(const std::vector<stream_t>& streams,
+                                                   std::vector<event_t>& waits) noexcept {
   try {
-    std::vector<stream_t> streams;
-    for (const segment* seg : victims) {
-      if (std::find(streams.begin(), streams.end(), seg->stream) == streams.end()) {
-        streams.push_back(seg->stream);
-      }
-    }
     waits.reserve(streams.size());
     for (stream_t stream : streams) {
       event_t e{};
@@ -1308,6 +1328,8 @@ nlohmann::json caching_allocator::snapshot() const {
                           {"size", seg.size},
                           {"pool", seg.pool == pool_kind::small ? "small" : "large"},
                           {"stream", static_cast<std::uintptr_t>(seg.stream)},
+                          {"expandable", seg.expandable},
+                          {"mapped", seg.expandable ? seg.mapped : seg.size},
                           {"blocks", std::move(blocks)}});
     }
   }
@@ -1338,7 +1360,8 @@ std::string caching_allocator::validate() const {
     if (seg.releasing) continue;  // out of the pools and figures until release ends
     if (seg.base != base) fail(fmt::format("segment {:#x}: keyed as {:#x}", seg.base, base));
     count(expect.segment, seg.pool, 1);
-    count(expect.reserved_bytes, seg.pool, signed_size(seg.size));
+    count(expect.reserved_bytes, seg.pool, signed_size(seg.expandable ? seg.mapped : seg.size));
+    std::size_t unmapped_bytes = 0;  // Note [Expandable segments]
     std::uintptr_t expected_address = seg.base;
     const block* prev = nullptr;
     for (const block* b = seg.first; b != nullptr; prev = b, b = b->next) {
@@ -1393,6 +1416,20 @@ std::string caching_allocator::validate() const {
           count(expect.requested_bytes, seg.pool, signed_size(b->requested));
           break;
         }
+        case block_state::unmapped:
+        case block_state::unmapping:
+          unmapped_bytes += b->size;
+          bad(!seg.expandable, "unmapped in a segment that is not expandable");
+          bad(linked, "unmapped but in a pool");
+          bad(page_size_ == 0 || b->address % page_size_ != 0 || b->size % page_size_ != 0,
+              "unmapped but not whole pages");
+          bad(b->requested != 0 || b->has_stream_uses || b->pending_events != 0 ||
+                  b->needs_sync_epoch != 0,
+              "unmapped with leftovers");
+          bad(b->state == block_state::unmapped && prev != nullptr &&
+                  prev->state == block_state::unmapped,
+              "unmapped next to an unmapped block (not merged)");
+          break;
         case block_state::pending: {
           bad(linked, "pending but in a pool");
           bad(allocated_.find(b->address) != nullptr, "pending but in the map");
@@ -1411,6 +1448,10 @@ std::string caching_allocator::validate() const {
     }
     if (expected_address != seg.base + seg.size) {
       fail(fmt::format("segment {:#x}: blocks do not tile it", seg.base));
+    }
+    if (seg.expandable && seg.mapped + unmapped_bytes != seg.size) {
+      fail(fmt::format("expandable segment {:#x}: {} bytes mapped and {} unmapped, size {}",
+                       seg.base, seg.mapped, unmapped_bytes, seg.size));
     }
   }
   if (small_pool_.size() != free_blocks[0]) fail("small pool holds blocks that are not free");

@@ -22,6 +22,10 @@
 //     within the next 16 frees or at the next call that looks at the cache, whichever comes
 //     first: stats, snapshot and every other method see every free made before them, and an
 //     allocation that the fast bins cannot serve sees them too (Note [Pipelined frees]).
+//   - With expandable_segments, large requests come from address space reserved per stream,
+//     with device pages mapped where a block needs them and unmapped from free blocks when the
+//     budget is short, so that free memory scattered between live blocks can serve one large
+//     request (Note [Expandable segments], caching_allocator_expandable.cpp).
 //   - Every method is thread-safe. deallocate is noexcept.
 #include <array>
 #include <condition_variable>
@@ -69,6 +73,12 @@ struct caching_allocator_options {
   // Frees go through a short pipeline that overlaps each one's cache misses with the next
   // ones' (Note [Pipelined frees]); false applies each free inside its own call.
   bool pipelined_frees = true;
+  // Large-pool requests are served from expandable segments (Note [Expandable segments]):
+  // fragmentation of the large pool no longer strands memory, at the cost of mapping and
+  // unmapping device pages when the budget is short. Needs a device with virtual memory
+  // management (device::vm_page_size() != 0); on one without, a warning and the plain
+  // segments. PyTorch's expandable_segments:True.
+  bool expandable_segments = false;
 
   // Throws config_error naming the field.
   void validate() const;
@@ -138,6 +148,9 @@ class caching_allocator {
   void set_trace_hooks(bool on);
 
   std::size_t budget() const noexcept { return budget_; }
+  // Whether large requests are served from expandable segments (the option, on a device that
+  // can map pages).
+  bool expandable_segments() const noexcept { return page_size_ != 0; }
   device& dev() noexcept { return dev_; }
   // The size of the block at `ptr` if it is allocated here (its rounded size), else 0.
   std::size_t allocated_size(const void* ptr) const;
@@ -234,11 +247,9 @@ class caching_allocator {
   // bytes released.
   std::size_t release_unused_segments(std::unique_lock<std::mutex>& lock,
                                       std::size_t wanted = SIZE_MAX);
+  // The segments from allocate_device among those (expandable ones unmap pages instead).
+  std::size_t release_whole_segments(std::unique_lock<std::mutex>& lock, std::size_t wanted);
   std::vector<segment*> pick_unused_segments_locked(std::size_t wanted);
-  // An event recorded on the stream of each victim, into `waits`; false when that failed and
-  // only a device-wide synchronize proves the segments idle.
-  bool record_release_waits_locked(const std::vector<segment*>& victims,
-                                   std::vector<event_t>& waits) noexcept;
   static std::size_t minimal_segment_size(const request& req) noexcept;
   void synchronize_pending(std::unique_lock<std::mutex>& lock);
   std::size_t call_reclaimers(std::unique_lock<std::mutex>& lock, const request& req);
@@ -253,6 +264,30 @@ class caching_allocator {
   void trace_segment(event_kind kind, std::uintptr_t base, std::size_t size,
                      std::int64_t allocated, std::int64_t reserved) noexcept;
 
+  // Note [Expandable segments] (caching_allocator_expandable.cpp).
+  // Maps pages for a large request in its stream's expandable segments (reserving one when
+  // none has room) and takes the block; nullptr when the budget's headroom is too small or
+  // the device is out of memory. May drop the lock to reserve address space.
+  block* grow_expandable(std::unique_lock<std::mutex>& lock, const request& req);
+  // Unmaps the whole pages inside free large blocks: the largest first until `wanted` bytes,
+  // or all. Waits (lock dropped) for the work enqueued on their streams first. Returns the
+  // bytes unmapped.
+  std::size_t unmap_free_pages(std::unique_lock<std::mutex>& lock, std::size_t wanted);
+  // Gives back the reservations of expandable segments with nothing mapped.
+  void release_empty_reservations(std::unique_lock<std::mutex>& lock);
+  // Splits b at `offset` (0 < offset < b.size): `tail` (a spare block object) becomes
+  // [b.address + offset, end) with b's state, stream and segment. Pool membership and stats
+  // are the caller's.
+  static void split_block(block& b, std::size_t offset, block& tail) noexcept;
+  // The mapped parts of an expandable segment as (address, bytes), whole pages.
+  static std::vector<std::pair<std::uintptr_t, std::size_t>> mapped_spans(const segment& seg);
+  // Merges an unmapped block with its unmapped neighbours.
+  void merge_unmapped_locked(block* b) noexcept;
+  // The streams of `streams`, each with an event recorded now, into `waits`; false when that
+  // failed (then only a device-wide synchronize proves their work done).
+  bool record_stream_waits_locked(const std::vector<stream_t>& streams,
+                                  std::vector<event_t>& waits) noexcept;
+
   block* new_block_object();
   void recycle_block_object(block* b) noexcept;
   stream_queue* queue_of(stream_t stream) noexcept;
@@ -262,6 +297,8 @@ class caching_allocator {
   device& dev_;
   const caching_allocator_options opts_;
   std::size_t budget_ = 0;
+  // The device's page size when expandable segments are on, else 0.
+  std::size_t page_size_ = 0;
   event_recorder& recorder_;
   // opts_.trace_hooks, kept next to recorder_ for the hot path; changed only by
   // set_trace_hooks, whose preconditions exclude concurrent readers.

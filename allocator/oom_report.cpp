@@ -18,7 +18,8 @@ std::string human_exact(std::size_t bytes) {
 // The hint names the one remedy the figures point at, and always the knobs that exist:
 //  - a request above the budget cannot be served by any amount of caching or offload;
 //  - memory reserved but unallocated after the ladder released every unused segment is held by
-//    split segments, i.e. fragmentation, which max_split_size bounds;
+//    split segments, i.e. fragmentation, which expandable_segments removes and max_split_size
+//    bounds;
 //  - otherwise the live data does not fit: a bigger budget, or offloading idle buffers unless
 //    buffers are already on the host (an offload policy is on and did what it could).
 std::string hint(const oom_report& r) {
@@ -32,7 +33,9 @@ std::string hint(const oom_report& r) {
   if (r.cached() >= r.rounded) {
     text = fmt::format(
         "{} is reserved but unallocated (largest free block {}): the cache is fragmented; set "
-        "max_split_size (GPUSWAP_CONF=\"max_split_size:...\") to keep large blocks whole; ",
+        "expandable_segments (GPUSWAP_CONF=\"expandable_segments:true\") so that free memory "
+        "is mapped again where it is needed, or max_split_size (GPUSWAP_CONF="
+        "\"max_split_size:...\") to keep large blocks whole; ",
         human_bytes(r.cached()), human_bytes(r.largest_free_block));
   }
   if (r.external && r.external->swapped_out > 0) {

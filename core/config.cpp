@@ -251,6 +251,13 @@ const std::vector<key_row>& key_table() {
          c.max_split_size = s;
        },
        [](const config& c) { return c.max_split_size.to_string(); }},
+      {"expandable_segments", join_names(bool_names()),
+       [](config& c, const key_row& row, std::string_view v) {
+         c.expandable_segments = parse_name(row, v, bool_names());
+       },
+       [](const config& c) {
+         return std::string(name_of(bool_names(), c.expandable_segments));
+       }},
   };
   return table;
 }

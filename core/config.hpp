@@ -53,6 +53,11 @@ struct config {
   bool stats = true;
   // Cached blocks larger than this are never split; 0: no limit. Bytes only, at least 1MiB.
   size_spec max_split_size;
+  // Large allocations come from address space with device pages mapped on demand, so that
+  // free memory between live blocks is not stranded (caching_allocator's Note [Expandable
+  // segments]); PyTorch's expandable_segments. Needs CUDA's virtual memory management (or the
+  // simulator's model of it); without it, plain segments and a warning.
+  bool expandable_segments = true;
 
   // Sets one key from its text form, with exactly the validation of parse_config.
   void set(std::string_view key, std::string_view value);

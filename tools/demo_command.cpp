@@ -80,6 +80,7 @@ void run_demo(const demo_options& o) {
   base.batch = o.batch;
   base.keep_tensors = true;
   base.live_stats = live;
+  base.expandable_segments = conf.expandable_segments;
   std::cerr << fmt::format("demo: training {} on {}, unlimited memory...\n", model.name, dev->name());
   const run_report unlimited = run_workload(*dev, model, base);
   if (!unlimited.real_math) {

@@ -32,6 +32,8 @@ struct runner_options {
   int steps = 3;
   std::size_t device_limit = 0;  // 0: the device's physical memory
   std::size_t host_limit = 0;    // pinned host bytes; 0: no limit
+  // caching_allocator_options::expandable_segments (config key expandable_segments).
+  bool expandable_segments = false;
   offload_policy policy = offload_policy::none;
   prefetch_policy prefetch = prefetch_policy::lookahead;
   std::uint64_t seed = 1;

@@ -22,7 +22,7 @@ constexpr std::uint64_t gib = std::uint64_t{1} << 30;
 
 const std::string all_keys =
     "device_limit, host_limit, policy, prefetch, backend, sim_preset, sim_backing, trace, log, "
-    "nvtx, stats, max_split_size";
+    "nvtx, stats, max_split_size, expandable_segments";
 
 TEST(config, defaults) {
   const config c;
@@ -38,6 +38,7 @@ TEST(config, defaults) {
   EXPECT_TRUE(c.nvtx);
   EXPECT_TRUE(c.stats);
   EXPECT_TRUE(c.max_split_size.is_zero());
+  EXPECT_TRUE(c.expandable_segments);
   EXPECT_EQ(parse_config(""), c);
   EXPECT_NO_THROW(c.validate());
 }
@@ -45,7 +46,8 @@ TEST(config, defaults) {
 TEST(config, keys_are_listed_in_table_order) {
   EXPECT_THAT(config_keys(), ElementsAre("device_limit", "host_limit", "policy", "prefetch",
                                          "backend", "sim_preset", "sim_backing", "trace", "log",
-                                         "nvtx", "stats", "max_split_size"));
+                                         "nvtx", "stats", "max_split_size",
+                                         "expandable_segments"));
   EXPECT_THAT(sim_preset_names(),
               ElementsAre("titan-x-pcie3", "a100-pcie4", "h100-pcie5", "gh200-c2c"));
 }
@@ -121,6 +123,8 @@ TEST(config, parses_every_key_and_value_form) {
       {"nvtx:off", [](config& c) { c.nvtx = false; }},
       {"stats:off", [](config& c) { c.stats = false; }},
       {"stats:yes", [](config& c) { c.stats = true; }},
+      {"expandable_segments:true", [](config&) {}},
+      {"expandable_segments:off", [](config& c) { c.expandable_segments = false; }},
       {"max_split_size:0", [](config&) {}},
       {"max_split_size:1MiB", [](config& c) { c.max_split_size = size_spec::from_bytes(mib); }},
       {"max_split_size:1048576", [](config& c) { c.max_split_size = size_spec::from_bytes(mib); }},
@@ -156,7 +160,8 @@ TEST(config, to_string_round_trips) {
   configs[1] = parse_config(
       "device_limit:90%,host_limit:1.5GiB,policy:conv,prefetch:one_layer,"
       "backend:sim,sim_preset:gh200-c2c,sim_backing:phantom,"
-      "trace:/tmp/x y.json,log:off,nvtx:no,stats:0,max_split_size:3MiB");
+      "trace:/tmp/x y.json,log:off,nvtx:no,stats:0,max_split_size:3MiB,"
+      "expandable_segments:false");
   configs[2].device_limit = size_spec::from_bytes(4097);
   configs[2].host_limit = parse_size("host_limit", "33.3%", true, true);
   configs[2].max_split_size = size_spec::from_bytes(mib + 1);
@@ -169,7 +174,7 @@ TEST(config, to_string_round_trips) {
   EXPECT_EQ(config{}.to_string(),
             "device_limit:0,host_limit:0,policy:auto,prefetch:lookahead,backend:auto,"
             "sim_preset:h100-pcie5,sim_backing:real,log:warn,nvtx:true,stats:true,"
-            "max_split_size:0");
+            "max_split_size:0,expandable_segments:true");
   EXPECT_EQ(configs[1].get("host_limit"), "1.5GiB");
   EXPECT_EQ(configs[1].get("trace"), "/tmp/x y.json");
   EXPECT_EQ(configs[1].get("nvtx"), "false");
