@@ -301,9 +301,7 @@ caching_allocator::~caching_allocator() {
   for (void* base : bases) dev_.free_device(base);
   // No other thread may use the allocator now, so its segments can be read without the lock.
   for (const segment* seg : reservations) {
-    for (const auto& [address, bytes] : mapped_spans(*seg)) {
-      dev_.unmap_pages(reinterpret_cast<void*>(address), bytes);
-    }
+    unmap_all_pages(dev_, *seg);
     dev_.release_address_range(reinterpret_cast<void*>(seg->base), seg->size);
   }
   for (event_t e : events) dev_.destroy_event(e);
@@ -318,6 +316,8 @@ caching_allocator::request caching_allocator::make_request(std::size_t bytes,
 bool caching_allocator::should_split(const block& b, std::size_t size) const noexcept {
   const std::size_t remaining = b.size - size;
   if (b.pool == pool_kind::small) return remaining >= min_block_size;
+  // Note [Expandable segments]: a split strands nothing there, since free pages are unmapped.
+  if (page_size_ != 0) return remaining > small_size;
   return size < opts_.max_split_size && b.size <= opts_.max_split_size && remaining > small_size;
 }
 
@@ -381,11 +381,15 @@ block* caching_allocator::search_locked(const request& req) {
     apply_frees_locked();
     if (block* b = pop_fast_bin()) return b;
   }
-  block* b = pool.best_fit(req.stream, req.size, opts_.max_split_size, large_buffer);
+  // max_split_size keeps large blocks whole so that they are not stranded in pieces; with
+  // expandable segments nothing is (Note [Expandable segments]).
+  const std::size_t max_split =
+      page_size_ != 0 && req.pool == pool_kind::large ? SIZE_MAX : opts_.max_split_size;
+  block* b = pool.best_fit(req.stream, req.size, max_split, large_buffer);
   if (b == nullptr && req.pool == pool_kind::small && deferred_blocks_ != 0 &&
       small_pool_.deferred_size(req.stream) != 0) {
     consolidate_locked(req.stream);
-    b = pool.best_fit(req.stream, req.size, opts_.max_split_size, large_buffer);
+    b = pool.best_fit(req.stream, req.size, max_split, large_buffer);
   }
   return b != nullptr ? take_block_locked(*b, req, /*in_pool=*/true) : nullptr;
 }
@@ -402,9 +406,13 @@ block* caching_allocator::allocate_slow(std::unique_lock<std::mutex>& lock, cons
   for (int round = 0;; ++round) {
     if (block* b = search_or_new_segment(lock, req)) return b;
     ++stats_.num_alloc_retries;
-    // Note [Releasing just enough]: first what one new segment for this request needs, then
+    // Note [Releasing just enough]: first what one new segment for this request needs (with
+    // expandable segments, the pages it needs mapped, from outside where it will go), then
     // everything unused.
-    if (release_unused_segments(lock, minimal_segment_size(req)) != 0) {
+    const std::size_t released = page_size_ != 0 && req.pool == pool_kind::large
+                                     ? make_room_expandable(lock, req)
+                                     : release_unused_segments(lock, minimal_segment_size(req));
+    if (released != 0) {
       if (block* b = search_or_new_segment(lock, req)) return b;
     }
     release_unused_segments(lock);

@@ -56,7 +56,8 @@ struct caching_allocator_options {
   std::size_t device_limit = 0;
   // Blocks larger than this are never split, and requests below it never take them (PyTorch's
   // max_split_size_mb). SIZE_MAX (the default) disables the rule; otherwise it must be more
-  // than 20 MiB, the large segment size.
+  // than 20 MiB, the large segment size. Ignored by the large pool with expandable segments,
+  // where splitting strands nothing.
   std::size_t max_split_size = SIZE_MAX;
   // Where trace events go (alloc, free, segment map/release, OOM, device counters); nullptr:
   // global_recorder(). Nothing is recorded while that recorder is disabled.
@@ -269,18 +270,34 @@ class caching_allocator {
   // none has room) and takes the block; nullptr when the budget's headroom is too small or
   // the device is out of memory. May drop the lock to reserve address space.
   block* grow_expandable(std::unique_lock<std::mutex>& lock, const request& req);
+  // Where a request would go in its stream's expandable segments: a run of free and unmapped
+  // blocks, the place in it needing the fewest bytes mapped; seg == nullptr when no run is
+  // long enough.
+  struct placement {
+    segment* seg = nullptr;
+    block* first = nullptr;  // the run's first block
+    std::uintptr_t begin = 0;
+    std::size_t size = 0;         // the request's
+    std::size_t cost = SIZE_MAX;  // bytes to map
+  };
+  placement find_placement_locked(const request& req);
+  // The OOM ladder's first rung for a large request with expandable segments: unmaps free
+  // pages outside the request's placement until the budget can map the rest of it. Returns
+  // the bytes unmapped.
+  std::size_t make_room_expandable(std::unique_lock<std::mutex>& lock, const request& req);
   // Unmaps the whole pages inside free large blocks: the largest first until `wanted` bytes,
-  // or all. Waits (lock dropped) for the work enqueued on their streams first. Returns the
-  // bytes unmapped.
-  std::size_t unmap_free_pages(std::unique_lock<std::mutex>& lock, std::size_t wanted);
+  // or all; none of the blocks that `keep` would use. Waits (lock dropped) for the work
+  // enqueued on their streams first. Returns the bytes unmapped.
+  std::size_t unmap_free_pages(std::unique_lock<std::mutex>& lock, std::size_t wanted,
+                               const placement* keep = nullptr);
   // Gives back the reservations of expandable segments with nothing mapped.
   void release_empty_reservations(std::unique_lock<std::mutex>& lock);
   // Splits b at `offset` (0 < offset < b.size): `tail` (a spare block object) becomes
   // [b.address + offset, end) with b's state, stream and segment. Pool membership and stats
   // are the caller's.
   static void split_block(block& b, std::size_t offset, block& tail) noexcept;
-  // The mapped parts of an expandable segment as (address, bytes), whole pages.
-  static std::vector<std::pair<std::uintptr_t, std::size_t>> mapped_spans(const segment& seg);
+  // Unmaps every mapped page of an expandable segment (for the destructor).
+  static void unmap_all_pages(device& dev, const segment& seg) noexcept;
   // Merges an unmapped block with its unmapped neighbours.
   void merge_unmapped_locked(block* b) noexcept;
   // The streams of `streams`, each with an event recorded now, into `waits`; false when that

@@ -66,11 +66,22 @@ bool has_memory(const block& b) noexcept {
   return b.state != block_state::unmapped && b.state != block_state::unmapping;
 }
 
+// The unmapped bytes of [lo, hi) in the run of free and unmapped blocks that starts at b.
+std::size_t unmapped_bytes(const block* b, std::uintptr_t lo, std::uintptr_t hi) noexcept {
+  std::size_t n = 0;
+  for (; b != nullptr && b->address < hi && is_available(*b); b = b->next) {
+    if (b->state != block_state::unmapped) continue;
+    const std::uintptr_t begin = std::max(b->address, lo);
+    const std::uintptr_t end = std::min(b->address + b->size, hi);
+    if (begin < end) n += end - begin;
+  }
+  return n;
+}
+
 }  // namespace
 
-std::vector<std::pair<std::uintptr_t, std::size_t>> caching_allocator::mapped_spans(
-    const segment& seg) {
-  std::vector<std::pair<std::uintptr_t, std::size_t>> spans;
+void caching_allocator::unmap_all_pages(device& dev, const segment& seg) noexcept {
+  // Walks the blocks without allocating: the destructor calls it.
   std::uintptr_t begin = 0;
   bool open = false;
   for (const block* b = seg.first; b != nullptr; b = b->next) {
@@ -78,12 +89,11 @@ std::vector<std::pair<std::uintptr_t, std::size_t>> caching_allocator::mapped_sp
       begin = b->address;
       open = true;
     } else if (!has_memory(*b) && open) {
-      spans.emplace_back(begin, b->address - begin);
+      dev.unmap_pages(reinterpret_cast<void*>(begin), b->address - begin);
       open = false;
     }
   }
-  if (open) spans.emplace_back(begin, seg.base + seg.size - begin);
-  return spans;
+  if (open) dev.unmap_pages(reinterpret_cast<void*>(begin), seg.base + seg.size - begin);
 }
 
 void caching_allocator::split_block(block& b, std::size_t offset, block& tail) noexcept {
@@ -116,59 +126,70 @@ void caching_allocator::merge_unmapped_locked(block* b) noexcept {
   }
 }
 
-block* caching_allocator::grow_expandable(std::unique_lock<std::mutex>& lock,
-                                          const request& req) {
-  struct placement {
-    segment* seg = nullptr;
-    block* first = nullptr;  // the run's first block
-    std::uintptr_t begin = 0;
-    std::size_t cost = SIZE_MAX;  // bytes to map
-  };
-  const auto unmapped_bytes = [](const block* b, std::uintptr_t lo, std::uintptr_t hi) {
-    std::size_t n = 0;
-    for (; b != nullptr && b->address < hi && is_available(*b); b = b->next) {
-      if (b->state != block_state::unmapped) continue;
-      const std::uintptr_t begin = std::max(b->address, lo);
-      const std::uintptr_t end = std::min(b->address + b->size, hi);
-      if (begin < end) n += end - begin;
-    }
-    return n;
-  };
-  const auto find_placement = [&] {
-    placement best;
-    for (auto& [base, seg] : segments_) {
-      if (!seg.expandable || seg.stream != req.stream) continue;
-      block* b = seg.first;
-      while (b != nullptr) {
-        if (!is_available(*b)) {
-          b = b->next;
-          continue;
-        }
-        block* first = b;
-        const std::uintptr_t run_begin = b->address;
-        std::uintptr_t run_end = run_begin;
-        for (; b != nullptr && is_available(*b); b = b->next) run_end = b->address + b->size;
-        if (run_end - run_begin < req.size) continue;
-        for (const std::uintptr_t begin : {run_begin, run_end - req.size}) {
-          const std::size_t cost =
-              unmapped_bytes(first, round_down(begin, page_size_),
-                             round_up(begin + req.size, page_size_));
-          if (cost < best.cost) best = placement{&seg, first, begin, cost};
-        }
+caching_allocator::placement caching_allocator::find_placement_locked(const request& req) {
+  placement best;
+  for (auto& [base, seg] : segments_) {
+    if (!seg.expandable || seg.stream != req.stream) continue;
+    block* b = seg.first;
+    while (b != nullptr) {
+      if (!is_available(*b)) {
+        b = b->next;
+        continue;
+      }
+      block* first = b;
+      const std::uintptr_t run_begin = b->address;
+      std::uintptr_t run_end = run_begin;
+      for (; b != nullptr && is_available(*b); b = b->next) run_end = b->address + b->size;
+      if (run_end - run_begin < req.size) continue;
+      // At either end of the run, or starting or ending with one of its free blocks, so that
+      // a free block between unmapped spans is extended rather than left out.
+      const auto consider = [&](std::uintptr_t begin) {
+        begin = std::clamp(begin, run_begin, run_end - req.size);
+        const std::size_t cost = unmapped_bytes(first, round_down(begin, page_size_),
+                                                round_up(begin + req.size, page_size_));
+        if (cost < best.cost) best = placement{&seg, first, begin, req.size, cost};
+      };
+      consider(run_begin);
+      consider(run_end - req.size);
+      for (const block* f = first; f != b; f = f->next) {
+        if (f->state != block_state::free) continue;
+        consider(f->address);
+        consider(f->address + f->size >= req.size ? f->address + f->size - req.size : 0);
       }
     }
-    return best;
-  };
+  }
+  return best;
+}
 
-  placement best = find_placement();
+std::size_t caching_allocator::make_room_expandable(std::unique_lock<std::mutex>& lock,
+                                                    const request& req) {
+  ++stats_.num_cache_flushes;
+  const placement p = find_placement_locked(req);
+  if (p.seg == nullptr) return 0;
+  const auto reserved = static_cast<std::size_t>(stats_.reserved_bytes.all().current);
+  const std::size_t used = reserved + in_flight_bytes_;
+  const std::size_t headroom = used < budget_ ? budget_ - used : 0;
+  if (p.cost <= headroom) return 0;  // the device, not the budget, refused the pages
+  return unmap_free_pages(lock, p.cost - headroom, &p);
+}
+
+block* caching_allocator::grow_expandable(std::unique_lock<std::mutex>& lock,
+                                          const request& req) {
+  placement best = find_placement_locked(req);
   if (best.seg == nullptr) {
     // No run of this stream's address space is long enough (or it has none yet): reserve.
-    const std::size_t bytes =
-        round_up(std::max(reservation_budgets * budget_, req.size), page_size_);
+    std::size_t bytes = round_up(std::max(reservation_budgets * budget_, req.size), page_size_);
     lock.unlock();
     void* ptr = nullptr;
     try {
       ptr = dev_.reserve_address_range(bytes);
+      // Short of address space (many streams, or a device of terabytes): less, down to what
+      // this request needs.
+      const std::size_t least = round_up(req.size, page_size_);
+      while (ptr == nullptr && bytes > least) {
+        bytes = std::max(round_up(bytes / 2, page_size_), least);
+        ptr = dev_.reserve_address_range(bytes);
+      }
     } catch (...) {
       lock.lock();
       throw;
@@ -204,7 +225,7 @@ block* caching_allocator::grow_expandable(std::unique_lock<std::mutex>& lock,
     b->pool = pool_kind::large;
     b->state = block_state::unmapped;
     add(stats_.segment, pool_kind::large, 1);
-    best = find_placement();  // the lock was dropped: decided again from what is there now
+    best = find_placement_locked(req);  // the lock was dropped: decided again from what is there now
     if (best.seg == nullptr) return nullptr;
   }
 
@@ -299,7 +320,11 @@ block* caching_allocator::grow_expandable(std::unique_lock<std::mutex>& lock,
 }
 
 std::size_t caching_allocator::unmap_free_pages(std::unique_lock<std::mutex>& lock,
-                                                std::size_t wanted) {
+                                                std::size_t wanted, const placement* keep) {
+  // The pages `keep` would map or reuse: unmapping them would only have them mapped again.
+  const std::uintptr_t keep_lo = keep != nullptr ? round_down(keep->begin, page_size_) : 0;
+  const std::uintptr_t keep_hi =
+      keep != nullptr ? round_up(keep->begin + keep->size, page_size_) : 0;
   struct victim {
     block* b;
     std::uintptr_t begin;  // the whole pages inside it
@@ -310,6 +335,10 @@ std::size_t caching_allocator::unmap_free_pages(std::unique_lock<std::mutex>& lo
     if (!seg.expandable) continue;
     for (block* b = seg.first; b != nullptr; b = b->next) {
       if (b->state != block_state::free) continue;
+      if (keep != nullptr && &seg == keep->seg && b->address < keep_hi &&
+          b->address + b->size > keep_lo) {
+        continue;
+      }
       const std::uintptr_t begin = round_up(b->address, page_size_);
       const std::uintptr_t end = round_down(b->address + b->size, page_size_);
       if (end > begin) victims.push_back(victim{b, begin, end});
@@ -321,12 +350,12 @@ std::size_t caching_allocator::unmap_free_pages(std::unique_lock<std::mutex>& lo
       return a.end - a.begin > b.end - b.begin;
     });
     std::size_t sum = 0;
-    std::size_t keep = 0;
-    while (keep < victims.size() && sum < wanted) {
-      sum += victims[keep].end - victims[keep].begin;
-      ++keep;
+    std::size_t enough = 0;
+    while (enough < victims.size() && sum < wanted) {
+      sum += victims[enough].end - victims[enough].begin;
+      ++enough;
     }
-    victims.resize(keep);
+    victims.resize(enough);
   }
 
   // Everything that may throw comes before the first change.

@@ -48,7 +48,7 @@ constexpr std::size_t device_alignment = 512;  // cudaMalloc aligns to at least 
 
 // The virtual-memory region: this many device capacities of address space, at most
 // vm_region_cap bytes (Note [Simulated virtual memory]).
-constexpr std::size_t vm_region_factor = 64;
+constexpr std::size_t vm_region_factor = 256;
 constexpr std::size_t vm_region_cap = std::size_t{16} << 40;
 
 // Logs a misuse that a noexcept call can only report.
@@ -719,9 +719,9 @@ bool sim_device::owns(const void* ptr) const {
 
 // Note [Simulated virtual memory]
 // Reservations are carved from one PROT_NONE region of the host's address space, made on the
-// first reserve_address_range: 64 device capacities, room for an allocator that reserves a few
-// capacities per stream, but at most 16 TiB, so that a few of the 1 TiB phantom devices the
-// tests and `gpuswap simulate` use fit in the host's 128 TiB. On a host with less address
+// first reserve_address_range: 256 device capacities, room for an allocator that reserves a few
+// capacities per stream (a GPU has thousands: 2^48 bytes), but at most 16 TiB, so that a few
+// of the 1 TiB phantom devices the tests and `gpuswap simulate` use fit in the host's 128 TiB. On a host with less address
 // space to give it halves, down to one capacity. The region is an address_range aligned to the
 // page size, so reservations are page-aligned, as CUDA's are. Mapping draws on the budget
 // allocate_device draws on (device_used, after evicting managed pages as allocate_device does)

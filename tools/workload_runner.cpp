@@ -50,6 +50,12 @@ namespace gpuswap {
 // waiting costs nothing. On a GPU this costs the segments' cudaFree and cudaMalloc once per
 // iteration (a few calls per layer, small next to a step that offloads); runs without a budget
 // keep the steady state that never calls the device.
+// With expandable segments the runner keeps its cache: forward's requests are served by
+// mapping pages where address space is free, after unmapping just the pages they need
+// (waiting for the compute stream only, not the device), and giving everything back each
+// iteration only made it unmap and map again what the next iteration reuses. `gpuswap
+// simulate`, `auto`, at 50% of the peak on h100-pcie5: VGG-16 2.31x -> 2.29x, ResNet-50 2.65x
+// -> 2.60x, GPT-7B 6.17x -> 6.15x.
 
 namespace {
 
@@ -580,7 +586,8 @@ class runner final : public eviction_advisor {
     dev_.synchronize();  // the training loop reads its loss
     math_->on_synchronized();
     engine_.poll();
-    if (opts_.device_limit != 0 && opts_.policy != offload_policy::none) {
+    if (opts_.device_limit != 0 && opts_.policy != offload_policy::none &&
+        !alloc_.expandable_segments()) {
       alloc_.empty_cache();  // Note [A fresh cache each iteration]
     }
   }

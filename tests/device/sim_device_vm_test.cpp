@@ -138,15 +138,15 @@ TEST(sim_vm_reserve, bad_sizes_throw_naming_the_call) {
 TEST(sim_vm_reserve, exhausted_address_space_gives_null_and_recovers) {
   sim_device d(small_real());
   EXPECT_EQ(d.reserve_address_range(std::size_t{1} << 50), nullptr);
-  // The region is 64 device capacities: 16 reservations of 4 capacities fill it.
+  // The region is 256 device capacities: 64 reservations of 4 capacities fill it.
   const std::size_t four = 4 * d.options().device_capacity;
   std::vector<void*> ranges;
-  for (int i = 0; i < 17; ++i) {
+  for (int i = 0; i < 65; ++i) {
     void* r = d.reserve_address_range(four);
     if (r == nullptr) break;
     ranges.push_back(r);
   }
-  EXPECT_EQ(ranges.size(), 16u);
+  EXPECT_EQ(ranges.size(), 64u);
   d.release_address_range(ranges.back(), four);
   ranges.pop_back();
   void* again = d.reserve_address_range(four);
