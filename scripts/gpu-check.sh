@@ -124,6 +124,8 @@ bench() {
   fi
 }
 bench bench-alloc bench alloc
+# What mapping device pages costs: the simulator's vm_* costs are estimates until this runs.
+bench bench-vmm bench vmm
 bench demo demo
 
 # The demo's verdict, from its JSON: with a GPU it must have computed there (not fallen back to
