@@ -13,16 +13,36 @@ namespace gpuswap {
 
 // Note [Fast clock]
 // A traced allocation needs a timestamp, and on a GPU the allocator's hot path is ~100 ns, so the
-// clock matters: steady_clock (clock_gettime through the vDSO) measured 58 ns a read on the
-// development VM, reading the time-stamp counter 27 ns (on bare metal about 18 and 7). Where the
-// CPU declares its TSC invariant (CPUID 0x80000007 EDX bit 8: constant rate, not stopped in
-// sleep states, the property Linux needs before it uses the TSC as its clocksource) we read it
-// and scale it by a ratio measured once against steady_clock at first use: over 8 ms, from
-// TSC reads bracketed tightly by steady_clock reads, checked by two 4 ms halves agreeing to 1
-// part in 10^4 (else measured again, and after three tries steady_clock is used). Every host time
-// the project reports comes from this one clock (device::host_time_ns), so a rate error never
-// shows as two clocks disagreeing; it only stretches a trace by that much against a wall clock.
-// Elsewhere steady_clock itself is used.
+// clock matters. Where the CPU declares its TSC invariant (CPUID 0x80000007 EDX bit 8: constant
+// rate, not stopped in sleep states, the property Linux needs before it uses the TSC as its
+// clocksource) we read it and scale it by a ratio measured once against steady_clock at first
+// use: over 8 ms, from TSC reads bracketed tightly by steady_clock reads, checked by two 4 ms
+// halves agreeing to 1 part in 10^4 (else measured again, and after three tries steady_clock is
+// used). Every host time the project reports comes from this one clock (device::host_time_ns),
+// so a rate error never shows as two clocks disagreeing; it only stretches a trace by that much
+// against a wall clock. Elsewhere steady_clock itself is used.
+//
+// What a read costs: `gpuswap bench alloc` prints it (Note [Clock reads], tools/bench_alloc.cpp).
+// On the development VM (a KVM guest), alone: steady_clock 22-30 ns, lfence+rdtsc 18-24,
+// bare rdtsc 13-16, rdtscp 17-22; fast_clock_ns was 4-10 ns above lfence+rdtsc while it was an
+// out-of-line call scaling through double (the conversions' latency sits behind the next read's
+// lfence), and is 1-4 above it inline with the integer scaling of scale_ticks. After a load that
+// misses the cache, every one of them costs about the miss (100-250 ns on that VM): there a TSC
+// read, fenced or not, waits for the loads in flight before it. That, not the read's latency, is
+// what the allocator bench's "on, wall" column pays at 10,000 and 100,000 live blocks, where the
+// allocator keeps misses in flight on purpose (Note [Pipelined frees]).
+//
+// Variants measured in that column (medians of 10 runs alternating the binaries, +% over no
+// hooks at 1,000 / 10,000 / 100,000 live blocks): lfence+rdtsc +91/+120/+135, bare rdtsc
+// +80/+110/+131, rdtscp +89/+118/+134. The bare read would save about a tenth and give up what
+// the lfence is for (a free on one thread stamped before the allocation on another that it
+// follows), so the lfence stays; rdtscp, which waits for earlier loads too but not for later
+// instructions, costs the same here and needs a CPUID check, so it is not used either.
+
+namespace fast_clock_detail {
+std::atomic<int> mode{uncalibrated};
+tsc_scale scale;
+}  // namespace fast_clock_detail
 
 namespace {
 
@@ -32,13 +52,6 @@ std::int64_t steady_ns() noexcept {
       .count();
 }
 
-struct calibration {
-  bool use_tsc = false;
-  std::uint64_t tsc0 = 0;
-  std::int64_t ns0 = 0;
-  double ns_per_tick = 0;
-};
-
 #if defined(__x86_64__)
 bool invariant_tsc() noexcept {
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -46,9 +59,7 @@ bool invariant_tsc() noexcept {
   if (__get_cpuid(0x80000007u, &a, &b, &c, &d) == 0) return false;
   return (d & (1u << 8)) != 0;
 }
-#endif
 
-#if defined(__x86_64__)
 // One (steady_clock, TSC) pair: the TSC read between two steady_clock reads, the closest
 // bracket of a few tries, its time taken as the bracket's middle. A thread preempted inside a
 // bracket (a loaded VM deschedules vCPUs for milliseconds) makes that bracket wide, not the
@@ -77,10 +88,11 @@ void spin_until(std::int64_t ns) noexcept {
 }
 #endif
 
-calibration calibrate() noexcept {
-  calibration c;
+// Fills fast_clock_detail::scale and returns the mode fast_clock_ns() is to use.
+fast_clock_detail::clock_mode calibrate() noexcept {
+  using namespace fast_clock_detail;
 #if defined(__x86_64__)
-  if (!invariant_tsc()) return c;
+  if (!invariant_tsc()) return use_steady;
   // Two back-to-back 4 ms intervals must give the same rate to 1 part in 10^4, or the
   // measurement was disturbed and is taken again; after three tries steady_clock is used.
   constexpr std::int64_t span_ns = 4'000'000;
@@ -91,43 +103,43 @@ calibration calibrate() noexcept {
     const clock_pair p1 = tight_pair();
     spin_until(p1.ns + span_ns);
     const clock_pair p2 = tight_pair();
-    if (p1.tsc <= p0.tsc || p2.tsc <= p1.tsc) return c;  // a counter that does not move
+    if (p1.tsc <= p0.tsc || p2.tsc <= p1.tsc) return use_steady;  // a counter that does not move
     const double r1 = static_cast<double>(p1.ns - p0.ns) / static_cast<double>(p1.tsc - p0.tsc);
     const double r2 = static_cast<double>(p2.ns - p1.ns) / static_cast<double>(p2.tsc - p1.tsc);
     if (r1 <= 0 || std::abs(r1 - r2) > agreement * r1) continue;
-    c.use_tsc = true;
-    c.tsc0 = p2.tsc;
-    c.ns0 = p2.ns;
-    c.ns_per_tick = static_cast<double>(p2.ns - p0.ns) / static_cast<double>(p2.tsc - p0.tsc);
-    return c;
+    const double ns_per_tick =
+        static_cast<double>(p2.ns - p0.ns) / static_cast<double>(p2.tsc - p0.tsc);
+    // The fixed-point scale needs a counter faster than 1 GHz (every invariant TSC we know of).
+    if (!(ns_per_tick < 1.0)) return use_steady;
+    scale.tsc0 = p2.tsc;
+    scale.ns0 = p2.ns;
+    scale.ns_per_tick_q32 = static_cast<std::uint64_t>(std::llround(ns_per_tick * 0x1p32));
+    return use_tsc;
   }
 #endif
-  return c;
-}
-
-const calibration& clock_calibration() noexcept {
-  static const calibration c = calibrate();
-  return c;
+  return use_steady;
 }
 
 }  // namespace
 
-std::int64_t fast_clock_ns() noexcept {
-  const calibration& c = clock_calibration();
-#if defined(__x86_64__)
-  if (c.use_tsc) {
-    // The lfence keeps the read from running ahead of the loads before it (the vDSO's
-    // steady_clock does the same): without it a thread that loaded another's timestamp could
-    // read a TSC value older than it, by up to 2.7 us as measured on the development VM.
-    // Signed: a core whose counter trails the calibrating core's by a few ticks must not wrap.
-    _mm_lfence();
-    const auto ticks = static_cast<std::int64_t>(__rdtsc() - c.tsc0);
-    return c.ns0 + static_cast<std::int64_t>(static_cast<double>(ticks) * c.ns_per_tick);
-  }
-#endif
+namespace fast_clock_detail {
+
+std::int64_t slow_ns() noexcept {
+  // The first caller calibrates; concurrent first callers wait here until it is done.
+  static const bool calibrated = [] {
+    mode.store(calibrate(), std::memory_order_release);
+    return true;
+  }();
+  (void)calibrated;
+  if (mode.load(std::memory_order_acquire) == use_tsc) return fast_clock_ns();
   return steady_ns();
 }
 
-bool fast_clock_uses_tsc() noexcept { return clock_calibration().use_tsc; }
+}  // namespace fast_clock_detail
+
+bool fast_clock_uses_tsc() noexcept {
+  fast_clock_detail::slow_ns();  // calibrated
+  return fast_clock_detail::mode.load(std::memory_order_acquire) == fast_clock_detail::use_tsc;
+}
 
 }  // namespace gpuswap

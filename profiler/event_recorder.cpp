@@ -52,6 +52,19 @@ namespace gpuswap {
 // a full event recorded between the two reads come out one collect later than block records
 // the thread wrote after it (EventRecorder.ConcurrentWritersWithSmallRingsCountEveryDrop
 // caught it under TSan).
+//
+// Where the cost of "on" goes, and what did not cut it (`gpuswap bench alloc`, "on %" at
+// 1,000 / 10,000 / 100,000 live blocks, medians of 5-10 runs alternating binaries; this code
+// measured +9..12 / +16..20 / +9..18 beside each). Without the clock calls (time 0): +6/+15/+21;
+// the clock calls alone, no recording: +5/+6/+3; a 1,024-slot ring cleared every 256 calls,
+// so that it stays in L1: +8/+9/+10. So at 10,000 and more live blocks, where the allocator's
+// own blocks fill the core's L2, most of it is the ring's 16 bytes an event moving through the
+// cache. Tried on that: non-temporal stores (+650/+510/+120: every allocator call takes its
+// mutex, and a locked instruction waits until streaming stores have reached memory, partial
+// lines worst), the same for whole lines staged in L1 (+190/+170/+120), clflushopt or
+// cldemote of each finished line (+156/+112/+84, +54/+57/+18), prefetchw 4 to 16 lines ahead
+// of the writes, and a 1 KiB staging buffer copied to the ring every 64 records: none better
+// than plain stores.
 
 namespace {
 

@@ -64,7 +64,9 @@ struct block_ring {
   explicit block_ring(std::size_t capacity) : records(capacity) {}
   spsc_ring<block_record> records;
   std::uintptr_t stream = 0;  // producer: the stream of the last record pushed
-  std::uintptr_t consumer_stream = 0;  // consumer: the same, as read so far
+  // consumer: the same, as read so far. On a line of its own: the producer reads `stream` on
+  // every record, and a drain that wrote beside it would cost that read a miss.
+  alignas(64) std::uintptr_t consumer_stream = 0;
 };
 
 struct thread_cache {
@@ -165,7 +167,9 @@ class event_recorder {
 
   // guards rings_, retired_dropped_ and dropped_baseline_. Taken by collect/clear/dropped and by
   // a thread's first record(); never by the record() fast path; never held across a device call.
-  mutable std::mutex mutex_;
+  // Not on the line of enabled_ and id_, which every record() reads: a drain taking the lock
+  // would cost each recording thread a miss.
+  alignas(64) mutable std::mutex mutex_;
   std::vector<std::shared_ptr<ring>> rings_;
   std::uint64_t retired_dropped_ = 0;   // drops counted by rings retired after their thread exited
   std::uint64_t dropped_baseline_ = 0;  // total drops at the last clear()

@@ -50,14 +50,15 @@ class spsc_ring {
   std::uint64_t dropped() const noexcept { return dropped_.load(std::memory_order_relaxed); }
 
  private:
-  // head_ and the producer's fields on one line, tail_ on another, so that the producer's
-  // fast path reads the consumer's line only when the ring looks full.
+  // head_ and everything push() reads on one line, tail_ alone on another, so that the
+  // producer's fast path reads the line the consumer writes only when the ring looks full. (With
+  // slots_ and mask_ beside tail_, every consume() cost the producer's next push a miss.)
   alignas(64) std::atomic<std::uint64_t> head_{0};
   std::uint64_t producer_tail_ = 0;  // the producer's copy of tail_
   std::atomic<std::uint64_t> dropped_{0};
-  alignas(64) std::atomic<std::uint64_t> tail_{0};
   std::unique_ptr<T[]> slots_;
   std::uint64_t mask_;
+  alignas(64) std::atomic<std::uint64_t> tail_{0};
 };
 
 }  // namespace gpuswap

@@ -10,8 +10,13 @@
 #include <numeric>
 #include <random>
 
+#if defined(__x86_64__)
+#include <x86intrin.h>
+#endif
+
 #include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
+#include "core/fast_clock.hpp"
 #include "device/sim_device.hpp"
 #include "profiler/event_recorder.hpp"
 
@@ -91,7 +96,93 @@ double overhead_pct(const std::vector<double>& a, const std::vector<double>& b) 
   return (median(std::move(ratio)) - 1.0) * 100.0;
 }
 
+// Note [Clock reads]
+// The "on, wall" column costs more than a clock read's latency, and this shows why. Each clock
+// is read in two loops of 100,000 iterations, timed by thread CPU time, median of 5: back to
+// back (its cost alone), and each read right after a load from a random line of a 64 MiB array
+// that the read does not depend on. Without the read, those loads overlap (a few ns an
+// iteration); a read that waits for the loads before it makes each iteration wait for its miss.
+// "after a miss" is the second loop minus the same loop without the read: what a read costs a
+// thread whose misses are in flight, as the allocator's are (its pipelined frees prefetch ahead,
+// Note [Pipelined frees] in allocator/caching_allocator.cpp). On the development VM (KVM) a bare
+// rdtsc waits as the fenced one does.
+volatile std::uint64_t clock_sink = 0;
+
+template <typename Read>
+double ns_per_read_alone(Read&& read) {
+  constexpr int reads = 100'000;
+  std::vector<double> runs;
+  for (int r = 0; r < 5; ++r) {
+    std::uint64_t sum = 0;
+    const double start = thread_cpu_ns();
+    for (int i = 0; i < reads; ++i) sum += read();
+    runs.push_back((thread_cpu_ns() - start) / reads);
+    clock_sink = sum;
+  }
+  return median(std::move(runs));
+}
+
+struct miss_loop {
+  std::vector<std::uint64_t> lines;  // 64 MiB: misses the core's caches
+  std::vector<std::uint32_t> order;  // the line (as an index into lines) each iteration loads
+};
+
+miss_loop make_miss_loop() {
+  constexpr std::size_t words = (std::size_t{64} << 20) / sizeof(std::uint64_t);
+  constexpr std::size_t words_per_line = 64 / sizeof(std::uint64_t);
+  miss_loop m;
+  m.lines.assign(words, 1);
+  std::mt19937_64 rng(7);
+  std::uniform_int_distribution<std::size_t> line(0, words / words_per_line - 1);
+  m.order.resize(100'000);
+  for (std::uint32_t& i : m.order) i = static_cast<std::uint32_t>(line(rng) * words_per_line);
+  return m;
+}
+
+template <typename Read>
+double ns_per_iteration_after_miss(const miss_loop& m, Read&& read) {
+  std::vector<double> runs;
+  for (int r = 0; r < 5; ++r) {
+    std::uint64_t sum = 0;
+    const double start = thread_cpu_ns();
+    for (std::uint32_t i : m.order) {
+      sum += m.lines[i];
+      sum += read();
+    }
+    runs.push_back((thread_cpu_ns() - start) / static_cast<double>(m.order.size()));
+    clock_sink = sum;
+  }
+  return median(std::move(runs));
+}
+
 }  // namespace
+
+std::vector<clock_read_cost> measure_clock_reads() {
+  const miss_loop m = make_miss_loop();
+  const double loop_alone = ns_per_read_alone([] { return std::uint64_t{0}; });
+  const double loop_after_miss = ns_per_iteration_after_miss(m, [] { return std::uint64_t{0}; });
+  std::vector<clock_read_cost> out;
+  auto measure = [&](const char* name, auto read) {
+    out.push_back({name, ns_per_read_alone(read) - loop_alone,
+                   ns_per_iteration_after_miss(m, read) - loop_after_miss});
+  };
+  measure("steady_clock", [] {
+    return static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  });
+  measure("fast_clock", [] { return static_cast<std::uint64_t>(fast_clock_ns()); });
+#if defined(__x86_64__)
+  measure("lfence+rdtsc", [] {
+    _mm_lfence();
+    return static_cast<std::uint64_t>(__rdtsc());
+  });
+  measure("rdtsc", [] { return static_cast<std::uint64_t>(__rdtsc()); });
+  measure("rdtscp", [] {
+    unsigned aux = 0;
+    return static_cast<std::uint64_t>(__rdtscp(&aux));
+  });
+#endif
+  return out;
+}
 
 // Note [Tracing overhead]
 // The targets (off < 1%, on < 10% of the hot path) are finer than the difference between two
@@ -105,6 +196,19 @@ double overhead_pct(const std::vector<double>& a, const std::vector<double>& b) 
 // the allocating thread is the recording; collecting is trace_output's drain thread's work,
 // so the bench collects only after the timed replay. "No hooks" still tests the hooks_ flag (one
 // predictable branch); what it removes is everything the hooks do.
+//
+// The rings hold a whole replay (up to 4 MiB at 100,000 live blocks), which a traced program
+// does not have: it has rings of the default 16,384 events, which trace_output's thread drains
+// every 10 ms. At this loop's rate (an event every 30-50 ns) such a ring fills in under a
+// millisecond, so a bench run that way needs a drain every few thousand calls to drop nothing.
+// Measured so: default rings, the clocks stopped every 4,096 calls while another thread
+// collected (sleeping on a futex in between), "on" came out +9..17 / +16..24 / +6..24% at
+// 1,000 / 10,000 / 100,000 live blocks in six runs, against +11..13 / +18..20 / +5..9% in three
+// runs between them with replay-sized rings: no better, noisier (the drain thread shares the
+// two cores with the loop); collecting on the timed thread itself was worse (+18..28% at
+// 10,000, +19..35% at 100,000). A training loop allocates a thousand times less often, and
+// between two of its calls other work evicts the ring's lines either way. So the rings stay
+// replay-sized.
 
 void alloc_bench_options::validate() const {
   if (live_counts.empty()) {
@@ -158,7 +262,8 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
             [&](void* q) { cached.deallocate(q); });
       };
       // Outside the timed loop. After the untimed replay the rings are only emptied (clear()
-      // moves their tails and reads no slot); after the timed one they are collected.
+      // reads each record's tag, for the stream changes, and builds nothing); after the timed
+      // one they are collected.
       // Collecting copies and sorts every event, and doing that right before a timed replay
       // would start it on caches the collector filled, which in a traced program happens on
       // trace_output's drain thread, not on the allocating one (Note [Tracing overhead]).
@@ -246,8 +351,10 @@ std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& optio
   return results;
 }
 
-nlohmann::json to_json(const alloc_bench_options& options,
-                       const std::vector<alloc_bench_result>& results) {
+namespace {
+
+nlohmann::json results_json(const alloc_bench_options& options,
+                            const std::vector<alloc_bench_result>& results) {
   nlohmann::json rows = nlohmann::json::array();
   for (const alloc_bench_result& r : results) {
     rows.push_back({{"live", r.live},
@@ -296,7 +403,29 @@ nlohmann::json to_json(const alloc_bench_options& options,
           {"results", std::move(rows)}};
 }
 
-std::string format_alloc_bench_table(const std::vector<alloc_bench_result>& results) {
+}  // namespace
+
+nlohmann::json to_json(const alloc_bench_options& options,
+                       const std::vector<alloc_bench_result>& results,
+                       const std::vector<clock_read_cost>& clocks) {
+  nlohmann::json out = results_json(options, results);
+  if (!clocks.empty()) {
+    nlohmann::json reads = nlohmann::json::array();
+    for (const clock_read_cost& c : clocks) {
+      reads.push_back(
+          {{"clock", c.clock}, {"alone_ns", c.alone_ns}, {"after_miss_ns", c.after_miss_ns}});
+    }
+    out["clock_reads"] = std::move(reads);
+    out["clock_reads_method"] =
+        "ns per read, thread CPU time, median of 5 loops of 100,000: alone_ns back to back; "
+        "after_miss_ns each read after an independent load from a random line of a 64 MiB "
+        "array, minus the same loop without the read";
+  }
+  return out;
+}
+
+std::string format_alloc_bench_table(const std::vector<alloc_bench_result>& results,
+                                     const std::vector<clock_read_cost>& clocks) {
   std::string out = fmt::format("ns per alloc+free pair, median (wall-clock | thread CPU)\n");
   out += fmt::format("{:>8}  {:>10} {:>10} {:>11}  {:>10} {:>10} {:>11}\n", "live", "gpuswap",
                      "malloc", "passthrough", "gpuswap", "malloc", "passthrough");
@@ -323,6 +452,14 @@ std::string format_alloc_bench_table(const std::vector<alloc_bench_result>& resu
   }
   out += "on: timestamps from the simulator's modelled clock (free to read); on, wall: from "
          "the host clock that every traced call reads on a GPU (core/fast_clock)\n";
+  if (!clocks.empty()) {
+    out += "\nhost clock, ns per read (thread CPU, median): alone | after a load that misses the "
+           "cache, as on the hot path\n";
+    for (const clock_read_cost& c : clocks) {
+      out += fmt::format("{:>14}  {:>7.1f} | {:>7.1f}{}\n", c.clock, c.alone_ns, c.after_miss_ns,
+                         c.clock == "fast_clock" ? "   <- on, wall" : "");
+    }
+  }
   return out;
 }
 

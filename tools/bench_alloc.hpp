@@ -78,16 +78,35 @@ inline constexpr double trace_on_overhead_target_pct = 10.0;
 
 std::vector<alloc_bench_result> run_alloc_bench(const alloc_bench_options& options);
 
+// What one read of a host clock costs the thread, in ns (Note [Clock reads], bench_alloc.cpp):
+// alone (reads back to back), and after a load that misses the core's caches (each read follows
+// an independent load from a random line of a 64 MiB array, as the allocator's traced calls
+// follow its misses). The second is why "on, wall" costs more than the clock's own latency.
+struct clock_read_cost {
+  std::string clock;
+  double alone_ns = 0;
+  double after_miss_ns = 0;
+};
+
+// steady_clock; fast_clock (core/fast_clock: what every traced call reads on a GPU); and on
+// x86-64 the instructions it could be built on: lfence+rdtsc (its choice), rdtsc alone
+// (unordered: may run before earlier loads), rdtscp (waits for earlier loads only).
+std::vector<clock_read_cost> measure_clock_reads();
+
 // {"pattern", "min_size", "max_size", "repetitions", "seed", "unit", ...,
 //  "results": [{"live", "gpuswap_ns", "malloc_ns", "passthrough_ns", "gpuswap_cpu_ns", ...,
 //               "no_hooks_ns", "traced_ns", "trace_off_overhead_pct", "trace_on_overhead_pct",
 //               "trace_off_overhead_cpu_pct", "trace_on_overhead_cpu_pct",
-//               "traced_wall_clock_ns", "trace_on_wall_clock_overhead_pct", ..., "trace_dropped"}]}
+//               "traced_wall_clock_ns", "trace_on_wall_clock_overhead_pct", ..., "trace_dropped"}],
+//  "clock_reads": [{"clock", "alone_ns", "after_miss_ns"}]} (the last only when `clocks` has
+// rows).
 nlohmann::json to_json(const alloc_bench_options& options,
-                       const std::vector<alloc_bench_result>& results);
+                       const std::vector<alloc_bench_result>& results,
+                       const std::vector<clock_read_cost>& clocks = {});
 
-// Two plain-text tables, one row per live count each: ns per pair (wall-clock, then CPU time),
-// then the tracing overhead.
-std::string format_alloc_bench_table(const std::vector<alloc_bench_result>& results);
+// Plain-text tables, one row per live count each: ns per pair (wall-clock, then CPU time), the
+// tracing overhead, then (when `clocks` has rows) one row per clock.
+std::string format_alloc_bench_table(const std::vector<alloc_bench_result>& results,
+                                     const std::vector<clock_read_cost>& clocks = {});
 
 }  // namespace gpuswap

@@ -28,10 +28,11 @@ void add_bench_command(CLI::App& app) {
   alloc->callback([opts, json] {
     opts->validate();
     const auto results = run_alloc_bench(*opts);
+    const auto clocks = measure_clock_reads();
     if (*json) {
-      std::cout << to_json(*opts, results).dump(2) << '\n';
+      std::cout << to_json(*opts, results, clocks).dump(2) << '\n';
     } else {
-      std::cout << format_alloc_bench_table(results);
+      std::cout << format_alloc_bench_table(results, clocks);
     }
   });
 

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <random>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -16,6 +17,37 @@ std::int64_t steady_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+// floor(ticks * q / 2^32), computed in 128 bits: what scale_ticks must equal.
+std::int64_t wide_scale(std::int64_t ticks, std::uint64_t q) {
+  __extension__ using wide = __int128;
+  return static_cast<std::int64_t>((static_cast<wide>(ticks) * static_cast<wide>(q)) >> 32);
+}
+
+// The TSC's ticks become ns in 64-bit integers, split in halves (Note [Fast clock]); a carry or
+// sign slip at the split would make the clock jump or run backwards once every 2^32 ticks.
+TEST(FastClock, ScalingTicksIsExactAcrossTheSplitAndForNegativeTicks) {
+  using fast_clock_detail::scale_ticks;
+  constexpr std::int64_t half = std::int64_t{1} << 32;
+  constexpr std::int64_t far = std::int64_t{1} << 61;  // 35 years of a 2 GHz counter
+  const std::uint64_t scales[] = {1, 2'045'222'520 /* 2.1 GHz */, 0xffff'ffffu};
+  std::vector<std::int64_t> ticks = {0,         1,         -1,        half - 1,     half,
+                                     half + 1,  -half,     -half - 1, -half + 1,    3 * half + 7,
+                                     -5 * half - 3, far,   -far};
+  std::mt19937_64 rng(5);
+  std::uniform_int_distribution<std::int64_t> any(-far, far);
+  for (int i = 0; i < 10'000; ++i) ticks.push_back(any(rng));
+  for (std::uint64_t q : scales) {
+    for (std::int64_t t : ticks) {
+      ASSERT_EQ(scale_ticks(t, q), wide_scale(t, q)) << "ticks " << t << " scale " << q;
+    }
+    for (std::int64_t edge : {std::int64_t{0}, half, -half, 7 * half}) {
+      for (std::int64_t t = edge - 3; t < edge + 3; ++t) {
+        ASSERT_LE(scale_ticks(t, q), scale_ticks(t + 1, q)) << "ticks " << t << " scale " << q;
+      }
+    }
+  }
 }
 
 TEST(FastClock, NeverGoesBackwardsOnOneThread) {
