@@ -902,19 +902,7 @@ std::size_t caching_allocator::release_whole_segments(std::unique_lock<std::mute
   in_flight_bytes_ += total;  // still counted against the budget until the device has them
   const std::int64_t allocated_now = stats_.allocated_bytes.all().current;
   const std::int64_t reserved_now = stats_.reserved_bytes.all().current;
-  // Note [Work in flight on released segments].
-  std::vector<event_t> waits;
-  const bool whole_device = !record_stream_waits_locked(streams, waits);
-  lock.unlock();
-  try {
-    if (whole_device) {
-      dev_.synchronize();
-    } else {
-      for (event_t e : waits) dev_.synchronize_event(e);
-    }
-  } catch (...) {
-    lock.lock();
-    spare_events_.insert(spare_events_.end(), waits.begin(), waits.end());  // capacity covers them
+  if (std::exception_ptr failure = wait_for_streams(lock, streams)) {
     for (segment* seg : victims) {
       seg->releasing = false;
       add(stats_.segment, seg->pool, 1);
@@ -922,12 +910,10 @@ std::size_t caching_allocator::release_whole_segments(std::unique_lock<std::mute
       pool_insert_locked(*seg->first);
     }
     in_flight_bytes_ -= total;
-    throw;
+    std::rethrow_exception(failure);
   }
   // Forgotten before the device has them back: once free_device returns, another thread's
   // allocate_device may hand out the same address, and its segment must not meet this one.
-  lock.lock();
-  spare_events_.insert(spare_events_.end(), waits.begin(), waits.end());
   for (segment* seg : victims) {
     released.emplace_back(seg->base, seg->size);
     recycle_block_object(seg->first);
@@ -951,6 +937,27 @@ std::size_t caching_allocator::release_whole_segments(std::unique_lock<std::mute
   in_flight_bytes_ -= total;
   stats_.num_device_frees += released.size();
   return total;
+}
+
+std::exception_ptr caching_allocator::wait_for_streams(std::unique_lock<std::mutex>& lock,
+                                                      const std::vector<stream_t>& streams) {
+  // Note [Work in flight on released segments].
+  std::vector<event_t> waits;
+  const bool whole_device = !record_stream_waits_locked(streams, waits);
+  lock.unlock();
+  std::exception_ptr failure;
+  try {
+    if (whole_device) {
+      dev_.synchronize();
+    } else {
+      for (event_t e : waits) dev_.synchronize_event(e);
+    }
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  lock.lock();
+  spare_events_.insert(spare_events_.end(), waits.begin(), waits.end());  // capacity covers them
+  return failure;
 }
 
 bool caching_allocator::record_stream_waits_locked(const std::vector<stream_t>& streams,

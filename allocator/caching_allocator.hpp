@@ -32,6 +32,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -300,6 +301,11 @@ class caching_allocator {
   static void unmap_all_pages(device& dev, const segment& seg) noexcept;
   // Merges an unmapped block with its unmapped neighbours.
   void merge_unmapped_locked(block* b) noexcept;
+  // Waits, with the lock dropped, for the work enqueued so far on `streams` (Note [Work in
+  // flight on released segments]); holds the lock again on return. Returns what the wait threw,
+  // or nullptr.
+  std::exception_ptr wait_for_streams(std::unique_lock<std::mutex>& lock,
+                                      const std::vector<stream_t>& streams);
   // The streams of `streams`, each with an event recorded now, into `waits`; false when that
   // failed (then only a device-wide synchronize proves their work done).
   bool record_stream_waits_locked(const std::vector<stream_t>& streams,

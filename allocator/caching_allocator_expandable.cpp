@@ -361,7 +361,6 @@ std::size_t caching_allocator::unmap_free_pages(std::unique_lock<std::mutex>& lo
   // Everything that may throw comes before the first change.
   std::vector<block*> spares;
   std::vector<stream_t> streams;
-  std::vector<event_t> waits;
   try {
     spares.reserve(2 * victims.size());
     for (std::size_t i = 0; i < 2 * victims.size(); ++i) spares.push_back(new_block_object());
@@ -403,18 +402,7 @@ std::size_t caching_allocator::unmap_free_pages(std::unique_lock<std::mutex>& lo
   for (block* s : spares) recycle_block_object(s);
   in_flight_bytes_ += total;  // still counted against the budget until unmapped
 
-  // Note [Work in flight on released segments].
-  const bool whole_device = !record_stream_waits_locked(streams, waits);
-  lock.unlock();
-  try {
-    if (whole_device) {
-      dev_.synchronize();
-    } else {
-      for (event_t e : waits) dev_.synchronize_event(e);
-    }
-  } catch (...) {
-    lock.lock();
-    spare_events_.insert(spare_events_.end(), waits.begin(), waits.end());  // capacity covers them
+  if (std::exception_ptr failure = wait_for_streams(lock, streams)) {
     for (const victim& v : victims) {
       v.b->seg->mapped += v.b->size;
       add(stats_.reserved_bytes, pool_kind::large, signed_size(v.b->size));
@@ -422,10 +410,8 @@ std::size_t caching_allocator::unmap_free_pages(std::unique_lock<std::mutex>& lo
       merge_and_insert_locked(v.b);
     }
     in_flight_bytes_ -= total;
-    throw;
+    std::rethrow_exception(failure);
   }
-  lock.lock();
-  spare_events_.insert(spare_events_.end(), waits.begin(), waits.end());
   // An unmapping block is never merged with (merges take free or unmapped neighbours), so
   // every victim is still its own block here, until its own merge below.
   for (const victim& v : victims) {

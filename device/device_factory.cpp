@@ -65,4 +65,13 @@ bool cuda_available(std::string* why) {
 #endif
 }
 
+backend_choice backend_choice_of(backend_kind kind) noexcept {
+  switch (kind) {
+    case backend_kind::cuda: return backend_choice::cuda;
+    case backend_kind::sim: return backend_choice::sim;
+    case backend_kind::auto_: break;
+  }
+  return backend_choice::auto_;
+}
+
 }  // namespace gpuswap

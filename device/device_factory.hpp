@@ -5,6 +5,7 @@
 #include <string>
 #include <string_view>
 
+#include "core/config.hpp"
 #include "device/device.hpp"
 #include "device/sim_device.hpp"
 
@@ -17,6 +18,8 @@ enum class backend_choice {
 };
 
 std::string_view to_string(backend_choice choice) noexcept;
+// The choice the config key `backend` names.
+backend_choice backend_choice_of(backend_kind kind) noexcept;
 
 struct device_request {
   backend_choice backend = backend_choice::auto_;

@@ -49,9 +49,7 @@ void add_bench_command(CLI::App& app) {
     // The backend config names (GPU if present); the simulator's device is its preset's.
     const config conf = config_from_env();
     device_request req;
-    req.backend = conf.backend == backend_kind::cuda  ? backend_choice::cuda
-                  : conf.backend == backend_kind::sim ? backend_choice::sim
-                                                      : backend_choice::auto_;
+    req.backend = backend_choice_of(conf.backend);
     req.sim = sim_preset(conf.sim_preset);
     req.sim.backing = sim_backing::phantom;
     const std::unique_ptr<device> dev = make_device(req);

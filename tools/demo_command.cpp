@@ -59,9 +59,7 @@ bool same_losses(const std::vector<float>& a, const std::vector<float>& b) {
 void run_demo(const demo_options& o) {
   const config conf = config_from_env();
   device_request req;
-  req.backend = conf.backend == backend_kind::cuda  ? backend_choice::cuda
-                : conf.backend == backend_kind::sim ? backend_choice::sim
-                                                    : backend_choice::auto_;
+  req.backend = backend_choice_of(conf.backend);
   req.sim = sim_preset(o.gpu);
   req.sim.backing = sim_backing::real;
   std::unique_ptr<device> dev = make_device(req);

@@ -18,6 +18,7 @@
 #include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
 #include "device/sim_device.hpp"
+#include "support/expandable_segments.hpp"
 
 namespace gpuswap {
 namespace {
@@ -25,24 +26,12 @@ namespace {
 constexpr std::size_t MiB = std::size_t{1} << 20;
 constexpr std::size_t GiB = std::size_t{1} << 30;
 
+using testing_support::expandable;
+using testing_support::reserved;
+
 sim_options sim(sim_backing backing = sim_backing::phantom) {
-  sim_options o;
-  o.device_capacity = GiB;
-  o.backing = backing;
-  return o;
+  return testing_support::expandable_sim(backing);
 }
-
-caching_allocator_options expandable(std::size_t budget) {
-  caching_allocator_options o;
-  o.device_limit = budget;
-  o.expandable_segments = true;
-  return o;
-}
-
-std::int64_t reserved(const caching_allocator& a) {
-  return a.stats().reserved_bytes.all().current;
-}
-
 // Holds a kernel back in real time until opened; opens itself on destruction so that a failing
 // test never leaves a stream worker blocked.
 class gate {

@@ -14,6 +14,7 @@
 #include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
 #include "device/sim_device.hpp"
+#include "support/expandable_segments.hpp"
 
 namespace gpuswap {
 namespace {
@@ -22,24 +23,12 @@ constexpr std::size_t MiB = std::size_t{1} << 20;
 constexpr std::size_t GiB = std::size_t{1} << 30;
 constexpr std::size_t page = 2 * MiB;  // the simulator's default vm_page_size
 
+using testing_support::expandable;
+using testing_support::reserved;
+
 sim_options sim(sim_backing backing = sim_backing::phantom) {
-  sim_options o;
-  o.device_capacity = GiB;
-  o.backing = backing;
-  return o;
+  return testing_support::expandable_sim(backing);
 }
-
-caching_allocator_options expandable(std::size_t budget) {
-  caching_allocator_options o;
-  o.device_limit = budget;
-  o.expandable_segments = true;
-  return o;
-}
-
-std::int64_t reserved(const caching_allocator& a) {
-  return a.stats().reserved_bytes.all().current;
-}
-
 // Eight 8 MiB blocks cut from one 64 MiB block (a whole 64 MiB budget), then every other one
 // freed: 32 MiB free, in 8 MiB holes between live blocks of one segment.
 std::vector<void*> checkerboard(caching_allocator& alloc, stream_t s) {
