@@ -39,9 +39,9 @@ GPUSWAP_STRESS_SCALE=0.2 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build/asan -j"$jobs" --output-on-failure --timeout 1800
 
-echo "== TSan: concurrency, ordering and stress tests (build/tsan/)" >&2
+echo "== TSan: the simulated device (its stream threads), concurrency, ordering and stress tests (build/tsan/)" >&2
 configure_and_build build/tsan -DGPUSWAP_SANITIZE=thread -DGPUSWAP_BUILD_BENCHMARKS=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo
 GPUSWAP_STRESS_SCALE=0.1 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
   ctest --test-dir build/tsan -j"$jobs" --output-on-failure --timeout 1800 \
-  -R '([Ss]tress|[Oo]rdering|[Cc]oncurren|[Dd]eterminism|[Tt]hread|swap_engine|recorder|caching_allocator_release|trace_output)'
+  -R '(sim_device|sim_vm|device_conformance|[Ss]tress|[Oo]rdering|[Cc]oncurren|[Dd]eterminism|[Tt]hread|swap_engine|recorder|caching_allocator_release|trace_output)'

@@ -19,6 +19,7 @@
 #include "core/errors.hpp"
 #include "device/sim_device.hpp"
 #include "support/expandable_segments.hpp"
+#include "support/gate.hpp"
 
 namespace gpuswap {
 namespace {
@@ -27,33 +28,12 @@ constexpr std::size_t MiB = std::size_t{1} << 20;
 constexpr std::size_t GiB = std::size_t{1} << 30;
 
 using testing_support::expandable;
+using testing_support::gate;
 using testing_support::reserved;
 
 sim_options sim(sim_backing backing = sim_backing::phantom) {
   return testing_support::expandable_sim(backing);
 }
-// Holds a kernel back in real time until opened; opens itself on destruction so that a failing
-// test never leaves a stream worker blocked.
-class gate {
- public:
-  gate() : future_(promise_.get_future().share()) {}
-  ~gate() { open(); }
-  gate(const gate&) = delete;
-  gate& operator=(const gate&) = delete;
-  void open() {
-    if (!opened_) {
-      opened_ = true;
-      promise_.set_value();
-    }
-  }
-  std::shared_future<void> future() const { return future_; }
-
- private:
-  std::promise<void> promise_;
-  std::shared_future<void> future_;
-  bool opened_ = false;
-};
-
 // --- bugs -------------------------------------------------------------------------------------
 
 // BUG: grow_expandable ignores max_split_size. A free block of max_split_size or more is kept

@@ -6,42 +6,22 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
-#include <future>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "allocator/caching_allocator.hpp"
 #include "device/sim_device.hpp"
+#include "support/gate.hpp"
 
 namespace gpuswap {
 namespace {
 
+using testing_support::gate;
+
 constexpr std::size_t KiB = std::size_t{1} << 10;
 constexpr std::size_t MiB = std::size_t{1} << 20;
 constexpr double slow_kernel_ns = 1e9;  // modelled: far beyond anything the host waits for
-
-// Holds a kernel back until opened; opens itself on destruction so that a failing test never
-// leaves a stream worker blocked.
-class gate {
- public:
-  gate() : future_(promise_.get_future().share()) {}
-  ~gate() { open(); }
-  gate(const gate&) = delete;
-  gate& operator=(const gate&) = delete;
-  void open() {
-    if (!opened_) {
-      opened_ = true;
-      promise_.set_value();
-    }
-  }
-  void wait() const { future_.wait(); }
-
- private:
-  std::promise<void> promise_;
-  std::shared_future<void> future_;
-  bool opened_ = false;
-};
 
 std::size_t count_not(const void* p, std::size_t n, unsigned char value) {
   const auto* bytes = static_cast<const unsigned char*>(p);

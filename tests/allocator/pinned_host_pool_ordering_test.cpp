@@ -14,37 +14,21 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <future>
 #include <thread>
 #include <vector>
 
 #include "device/sim_device.hpp"
+#include "support/gate.hpp"
 
 namespace gpuswap {
 namespace {
+
+using testing_support::gate;
 
 constexpr std::size_t buffer_bytes = std::size_t{1} << 20;
 constexpr std::uint8_t device_pattern = 0xab;  // what the device buffer holds
 constexpr std::uint8_t old_owner_pattern = 0x11;
 constexpr std::uint8_t new_owner_pattern = 0x22;
-
-// A stream blocker: launch() enqueues a kernel that holds the stream's worker until open().
-// The kernel's modelled cost is one second, so events after it stay incomplete by the modelled
-// clock until the host synchronises. The wait is bounded so that a broken pool that waits for
-// the blocked stream fails the test instead of hanging it.
-class gate {
- public:
-  void launch(sim_device& dev, stream_t stream) {
-    kernel_cost cost;
-    cost.fixed_ns = 1e9;
-    dev.launch(stream, cost, [f = future_] { (void)f.wait_for(std::chrono::seconds(20)); }, {});
-  }
-  void open() { promise_.set_value(); }
-
- private:
-  std::promise<void> promise_;
-  std::shared_future<void> future_ = promise_.get_future().share();
-};
 
 // A kernel that holds its stream's worker for a short real time: used only where the pool must
 // block until the copy is done (a gate would deadlock a correct pool), so that a missing wait

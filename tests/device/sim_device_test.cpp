@@ -88,8 +88,13 @@ TEST(sim_device_clock, both_directions_at_once_slow_the_later_copy) {
   stream_t s1 = d.create_stream(stream_priority::normal);
   stream_t s2 = d.create_stream(stream_priority::normal);
   const double full = static_cast<double>(4 * mib) * 1e9 / 10e9;
-  d.copy_async(host, dev, 4 * mib, copy_kind::device_to_host, s1);  // busy [0, full]
-  d.copy_async(dev, host, 4 * mib, copy_kind::host_to_device, s2);  // half speed while D2H runs
+  // Disjoint halves: the two copies run at once on the simulator's stream threads, and on
+  // shared bytes they would race (as they would on a GPU).
+  char* const dev_bytes = static_cast<char*>(dev);
+  char* const host_bytes = static_cast<char*>(host);
+  d.copy_async(host_bytes, dev_bytes, 4 * mib, copy_kind::device_to_host, s1);  // busy [0, full]
+  // Half speed while the D2H runs.
+  d.copy_async(dev_bytes + 4 * mib, host_bytes + 4 * mib, 4 * mib, copy_kind::host_to_device, s2);
   // During [0, full] the H2D moves half its bytes; the other half at full speed afterwards.
   EXPECT_DOUBLE_EQ(d.stream_tail_ns(s2), full + full / 2);
 }

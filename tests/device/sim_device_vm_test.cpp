@@ -419,31 +419,8 @@ TEST(sim_vm_map, concurrent_maps_and_unmaps_of_disjoint_pages_keep_the_books) {
 
 // --- bytes (real backing) ----------------------------------------------------------------------
 
-TEST(sim_vm_bytes, copies_in_and_out_of_mapped_pages_keep_every_byte) {
-  sim_device d(small_real());
-  void* r = d.reserve_address_range(8 * page);
-  void* other = d.reserve_address_range(4 * page);
-  ASSERT_TRUE(d.map_pages(r, 2 * page));
-  ASSERT_TRUE(d.map_pages(at(r, 2), page));  // a second map right after the first
-  ASSERT_TRUE(d.map_pages(other, 3 * page));
-  const std::size_t n = 3 * page;
-  auto* src = static_cast<unsigned char*>(d.allocate_pinned(n));
-  auto* dst = static_cast<unsigned char*>(d.allocate_pinned(n));
-  ASSERT_TRUE(src && dst);
-  for (std::size_t i = 0; i < n; ++i) src[i] = static_cast<unsigned char>(i * 131 + 7);
-  std::memset(dst, 0, n);
-  stream_t s = d.create_stream(stream_priority::normal);
-  d.copy_async(r, src, n, copy_kind::host_to_device, s);  // across both maps
-  d.copy_async(other, r, n, copy_kind::device_to_device, s);
-  d.copy_async(dst, other, n, copy_kind::device_to_host, s);
-  d.synchronize_stream(s);
-  EXPECT_EQ(std::memcmp(src, dst, n), 0);
-  d.free_pinned(src);
-  d.free_pinned(dst);
-  d.destroy_stream(s);
-  d.release_address_range(r, 8 * page);
-  d.release_address_range(other, 4 * page);
-}
+// Copies through mapped pages, across maps and around an unmapped page: device_conformance's
+// vm_copies_through_mapped_pages_keep_every_byte, which runs on the simulator with real bytes.
 
 TEST(sim_vm_bytes, fresh_pages_are_poisoned_and_forget_what_was_written_before) {
   sim_device d(small_real());
