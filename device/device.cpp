@@ -14,6 +14,16 @@ double device::host_time_ns() const {
   return static_cast<double>(fast_clock_ns() - created_ns_);
 }
 
+// Note [Published host clock]
+// A traced allocation reads the host clock twice (alloc and free), and the caching allocator's
+// hot path is ~70 ns a pair, so the read has to be nearly free where it can be. On the
+// simulator the clock is a value in memory, but reaching it took a virtual call, a check of the
+// wall-clock switch and an out-of-line call through the pimpl: about 4 of the 11 points that
+// tracing cost at 1,000 live blocks (`gpuswap bench alloc`, "on"). A backend that keeps its
+// clock in memory publishes its address, and host_time_ns_fast() loads it inline. The wall
+// clock (cuda_device, or the simulator switched to it) keeps the call: there the clock read
+// itself (~20 ns) is what costs.
+
 // Note [Device virtual memory]
 // Why a second way to get device memory: a segment from allocate_device is one piece of
 // physical memory at one address, so its free blocks can only serve requests that fit inside

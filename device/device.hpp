@@ -20,6 +20,7 @@
 //     callers free only after the last use's event completed.
 //   - copy_async and launch enqueue and return; they never wait for the device.
 //   - Every method is thread-safe.
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -160,12 +161,26 @@ class device {
   // simulator. Profiler timestamps use it, and device-side times are placed on it through
   // elapsed_ms from an event recorded at a known host time.
   virtual double host_time_ns() const;
+  // host_time_ns() for hot paths (the caching allocator's timestamp on every traced call): one
+  // load where the backend keeps its clock in memory (Note [Published host clock]), else the
+  // virtual call.
+  double host_time_ns_fast() const {
+    const std::atomic<double>* clock = published_clock_.load(std::memory_order_acquire);
+    return clock != nullptr ? clock->load(std::memory_order_relaxed) : host_time_ns();
+  }
 
  protected:
   device();
+  // For a backend whose host_time_ns() returns a value it keeps current in `clock`:
+  // host_time_ns_fast() reads it directly from then on; nullptr goes back to the call. `clock`
+  // must stay valid until the device is destroyed or this is called again.
+  void publish_host_clock(const std::atomic<double>* clock) noexcept {
+    published_clock_.store(clock, std::memory_order_release);
+  }
 
  private:
   std::int64_t created_ns_;
+  std::atomic<const std::atomic<double>*> published_clock_{nullptr};
 };
 
 }  // namespace gpuswap

@@ -574,8 +574,14 @@ struct sim_device::impl {
 sim_device::sim_device(sim_options options) {
   options.validate();
   impl_ = std::make_unique<impl>(std::move(options));
+  publish_host_clock(&impl_->host_now_published);  // Note [Published host clock]
   std::lock_guard lock(impl_->sched_mutex);
   impl_->default_stream = impl_->add_stream();
+}
+
+void sim_device::set_wall_clock_timestamps(bool on) noexcept {
+  wall_clock_timestamps_.store(on, std::memory_order_relaxed);
+  publish_host_clock(on ? nullptr : &impl_->host_now_published);
 }
 
 sim_device::~sim_device() {

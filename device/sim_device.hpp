@@ -181,9 +181,7 @@ class sim_device final : public device {
   // Makes host_time_ns() read the wall clock as cuda_device's does (core/fast_clock), while the
   // model keeps its own time. For `gpuswap bench alloc`, which measures what a profiler
   // timestamp costs the allocator on a GPU, where each traced call reads that clock.
-  void set_wall_clock_timestamps(bool on) noexcept {
-    wall_clock_timestamps_.store(on, std::memory_order_relaxed);
-  }
+  void set_wall_clock_timestamps(bool on) noexcept;
   // Modelled host work: the host clock moves on by `ns`.
   void advance_host_ns(double ns);
   // Modelled completion time of the event's last record (0 if never recorded).

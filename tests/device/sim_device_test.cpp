@@ -99,6 +99,24 @@ TEST(sim_device_clock, both_directions_at_once_slow_the_later_copy) {
   EXPECT_DOUBLE_EQ(d.stream_tail_ns(s2), full + full / 2);
 }
 
+// Note [Published host clock]: the inline read must be the clock host_time_ns() reads, the
+// modelled one and, once switched, the wall clock.
+TEST(sim_device_clock, fast_host_time_reads_the_same_clock_as_host_time) {
+  sim_device d(small_real());
+  d.advance_host_ns(1e12);  // 1,000 modelled seconds: far from any wall time since construction
+  EXPECT_EQ(d.host_time_ns_fast(), d.now_ns());
+  EXPECT_EQ(d.host_time_ns_fast(), d.host_time_ns());
+  d.set_wall_clock_timestamps(true);
+  const double before = d.host_time_ns();
+  const double fast = d.host_time_ns_fast();
+  const double after = d.host_time_ns();
+  EXPECT_LE(before, fast);
+  EXPECT_LE(fast, after);
+  EXPECT_LT(fast, 1e12);
+  d.set_wall_clock_timestamps(false);
+  EXPECT_EQ(d.host_time_ns_fast(), d.now_ns());
+}
+
 TEST(sim_device_clock, kernel_cost_uses_throughput_and_efficiency) {
   sim_options o = small_real();
   o.compute_flops = 1e12;
