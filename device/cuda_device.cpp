@@ -93,6 +93,16 @@ void check_open(cudaError_t status, std::string_view call) {
 // A driver function through the runtime's driver entry points, so that we need no link against
 // libcuda (absent on build machines), in its CUDA 12.0 ABI, which the PFN_ types used with it
 // describe. Null when the driver does not provide it.
+// Note [Driver entry points]
+// cudaGetDriverEntryPointByVersion returns, for a base name ("cuMemCreate", never "_v2"), the
+// newest variant of the symbol introduced at or before the version asked for. Every symbol we
+// ask for has had one ABI since it appeared (the _v2000, _v6000, _v7000 and _v10020 typedefs of
+// cudaTypedefs.h), so 12000 yields exactly the ABI our PFN_ types declare, whichever newer
+// driver runs it; asking for CUDART_VERSION instead could hand back a _v2 one day that the
+// typedef does not describe. A driver older than the version asked for answers
+// cudaErrorInvalidValue, a symbol it lacks cudaDriverEntryPointSymbolNotFound (with a null
+// pointer and cudaSuccess): both are "not available", never an exception. None of these symbols
+// has a per-thread-stream variant, so cudaEnableDefault selects nothing unexpected.
 template <typename Fn>
 Fn driver_entry_point(const char* symbol) noexcept {
   void* entry = nullptr;
@@ -103,7 +113,7 @@ Fn driver_entry_point(const char* symbol) noexcept {
 #else
   const cudaError_t status = cudaGetDriverEntryPoint(symbol, &entry, cudaEnableDefault, &found);
 #endif
-  if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+  if (status != cudaSuccess || found != cudaDriverEntryPointSuccess || entry == nullptr) {
     (void)cudaGetLastError();
     return Fn{nullptr};
   }
@@ -219,9 +229,28 @@ void CUDART_CB run_host_function(void* user_data) {
 // false, anything else throws. A span larger than the device's memory is false at once rather
 // than after creating pages until the driver runs out.
 // Unmap and release run without device_scope, like the other free paths (Note [Current
-// device]), and do not wait for enqueued work: as with free_device, the caller has made sure
-// none still uses the pages (PyTorch's expandable segments synchronise before cuMemUnmap for
-// the same reason).
+// device]): the cuMem* calls name their memory by address, handle or explicit location, and
+// their documented errors include no context error (PyTorch's expandable segments reach
+// cuMemCreate on threads with no current context: HAMi-core#172). cuda_device_vm_test checks it
+// on a GPU from a thread that never touched CUDA.
+// Synchronisation. The driver reference marks cuMemUnmap and cuMemSetAccess "exhibits
+// synchronous behavior for most use cases": they may block the calling thread while the GPU's
+// page tables change (PyTorch: "at least some synchronous actions with the GPU", milliseconds).
+// It does not say that they wait for kernels or copies still using the range, and cuMemRelease
+// and cuMemCreate carry no such note; PyTorch found that "MemUnmap and MemRelease do not appear
+// to synchronize in all cases" and synchronises the stream first. So unmap_pages does not wait,
+// and pulling pages from under enqueued work is the caller's bug (the caching allocator waits
+// for an event on each stream, without its lock, before unmapping). Calling these under the
+// allocator's mutex costs other threads that much latency; it could deadlock only if the
+// driver waited for device work that itself needs the mutex (a launched host function that
+// allocates), which none of these calls is documented to do (cudaFree, which synchronises the
+// device, would be the one to fear).
+// Threads. The driver's calls are thread-safe; vm_mutex_ covers only the bookkeeping, so maps
+// and unmaps of disjoint pages from several threads run their driver calls in parallel. A page
+// enters vm_pages_ only after it is mapped and accessible and leaves it before it is unmapped,
+// each entry moved under the lock by one thread, so no handle is released twice or forgotten;
+// overlapping calls (a caller's bug) are refused by the checks or by cuMemMap itself, which maps
+// only where nothing is mapped.
 
 struct vmm_driver {
   PFN_cuMemAddressReserve_v10020 address_reserve = nullptr;
@@ -284,31 +313,78 @@ void log_driver_failure(CUresult status, std::string_view call) noexcept {
   }
 }
 
+// Plain device memory of `ordinal`: value-initialised, so requestedHandleTypes is
+// CU_MEM_HANDLE_TYPE_NONE (no export: nothing is shared across processes, and PyTorch's
+// POSIX-fd handles are what need the IPC support), win32HandleMetaData is null and allocFlags
+// ask for no compression. Location ids are device ordinals for CU_MEM_LOCATION_TYPE_DEVICE.
 CUmemAllocationProp device_allocation(int ordinal) noexcept {
   CUmemAllocationProp prop{};
   prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
   prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   prop.location.id = ordinal;
   return prop;
 }
 
+// Why this device has no virtual memory, once, at info level: expandable segments then fall
+// back to whole segments, and "why" is the first thing a user asks.
+void log_no_vm(int ordinal, std::string_view why) noexcept {
+  try {
+    log().info("cuda: no virtual memory management on cuda:{}: {}", ordinal, why);
+  } catch (...) {
+  }
+}
+
 std::size_t query_vm_page_size(int ordinal) noexcept {
   const vmm_driver& d = vmm();
-  if (!d.complete()) return 0;
+  if (!d.complete()) {
+    log_no_vm(ordinal, "the driver lacks a cuMem* call (CUDA 10.2+ driver entry points needed)");
+    return 0;
+  }
   // The runtime's and the driver's ordinals agree (both honour CUDA_VISIBLE_DEVICES), as
   // has_primary_context assumes too.
   int supported = 0;
-  if (d.device_attribute(&supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
-                         ordinal) != CUDA_SUCCESS ||
-      supported == 0) {
+  CUresult status = d.device_attribute(
+      &supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, ordinal);
+  if (status != CUDA_SUCCESS || supported == 0) {
+    log_no_vm(ordinal, status != CUDA_SUCCESS
+                           ? "cuDeviceGetAttribute failed"
+                           : "CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0");
     return 0;
   }
+  // The minimum, not the recommended, granularity: cuMemCreate's size and cuMemMap's address
+  // and size must be multiples of the minimum, and the page is the unit the allocator can give
+  // back, so the smaller the better (both are 2 MiB on current GPUs).
   const CUmemAllocationProp prop = device_allocation(ordinal);
   std::size_t granularity = 0;
-  if (d.granularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) != CUDA_SUCCESS) {
+  status = d.granularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
+  if (status != CUDA_SUCCESS) {
+    log_no_vm(ordinal, "cuMemGetAllocationGranularity failed");
+    return 0;
+  }
+  // The page doubles as cuMemAddressReserve's alignment, which must be a power of two, and
+  // device.hpp promises callers one.
+  if (granularity == 0 || (granularity & (granularity - 1)) != 0) {
+    log_no_vm(ordinal, "the driver's granularity is not a power of two");
     return 0;
   }
   return granularity;
+}
+
+// Note [Oversized reservations]
+// device.hpp answers null when the address space is exhausted. The driver says so with
+// CUDA_ERROR_OUT_OF_MEMORY when earlier reservations used it up, but its documentation does not
+// say which error a single request larger than the whole space gets (2^52 bytes, say, against
+// the 2^47 bytes of user space a UVA reservation must also fit in on x86-64), and
+// CUDA_ERROR_INVALID_VALUE is the other candidate. Our arguments are always valid (a nonzero
+// multiple of the page, a power-of-two alignment, no hint, no flags), so when the driver answers
+// CUDA_ERROR_INVALID_VALUE yet reserves one page fine, the size was the problem: null, not an
+// exception. If one page fails too, something else is wrong and the original error is thrown.
+bool page_reservation_works(std::size_t page) noexcept {
+  CUdeviceptr probe = 0;
+  if (vmm().address_reserve(&probe, page, page, 0, 0) != CUDA_SUCCESS) return false;
+  log_driver_failure(vmm().address_free(probe, page), "cuMemAddressFree");
+  return true;
 }
 
 bool inside_one_reservation(const std::map<std::uintptr_t, std::size_t>& reservations,
@@ -540,6 +616,16 @@ void* cuda_device::reserve_address_range(std::size_t bytes) {
   CUdeviceptr base = 0;
   const CUresult status = vmm().address_reserve(&base, bytes, page, 0, 0);
   if (status == CUDA_ERROR_OUT_OF_MEMORY) return nullptr;
+  if (status == CUDA_ERROR_INVALID_VALUE && page_reservation_works(page)) {
+    // See Note [Oversized reservations].
+    try {
+      log().debug("cuda: cuMemAddressReserve of {} bytes answered {} while one page reserves "
+                  "fine: no room for it, returning null",
+                  bytes, driver_error_name(status));
+    } catch (...) {
+    }
+    return nullptr;
+  }
   if (status != CUDA_SUCCESS) {
     throw_device_error("cuMemAddressReserve", driver_error_name(status),
                        fmt::format("reserving {} bytes of address space", bytes));

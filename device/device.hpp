@@ -112,8 +112,9 @@ class device {
   // can be unmapped on its own later.
   virtual bool map_pages(void* ptr, std::size_t bytes);
   // Unmaps [ptr, ptr + bytes) (pages mapped by map_pages, possibly several calls' worth, or
-  // part of one) and frees their memory. Like free_device, it does not wait for enqueued work:
-  // the caller makes sure none still uses the pages.
+  // part of one) and frees their memory. It does not wait for enqueued work (unlike cudaFree
+  // behind cuda_device's free_device; cuMemUnmap is not documented to): the caller makes sure
+  // none still uses the pages.
   virtual void unmap_pages(void* ptr, std::size_t bytes) noexcept;
 
   // --- streams ----------------------------------------------------------------------------
