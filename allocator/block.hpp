@@ -34,11 +34,10 @@ struct segment;
 // The fields are grouped by cache line by how hot they are (Note [Hot path],
 // caching_allocator.cpp). The first line is all that the steady-state hot path touches: a
 // small-pool allocation served from a fast bin and a free into one (Note [Deferred
-// coalescing]) need the fast-bin links, where the block is and how big, its stream, the
-// requested bytes, its state and whether record_stream named another stream. The fast-bin
-// link carries the next block's address too, so that an allocation knows the address (its
-// index slot) of the block it pops before that block's line arrives: the two cache misses
-// overlap instead of following each other. The second line holds what splits, merges and the
+// coalescing]) need where the block is and how big, its stream, the requested bytes, its
+// state and whether record_stream named another stream; the fast bins keep their blocks'
+// addresses themselves (Note [Fast bins as arrays]), so that an allocation popping one writes
+// to its line without waiting for it. The second line holds what splits, merges and the
 // pools' free indexes need (address-order links, list and tree hooks); the third only the
 // rare paths.
 struct alignas(64) block {
@@ -54,8 +53,6 @@ struct alignas(64) block {
   };
 
   // --- first cache line
-  block* fast_next = nullptr;            // the next block of the same fast bin, while deferred
-  std::uintptr_t fast_next_address = 0;  // its address
   stream_t stream{};
   std::size_t size = 0;
   std::uintptr_t address = 0;

@@ -49,17 +49,18 @@ class block_pool {
 
   // Fast bins of the small pool (Note [Deferred coalescing], caching_allocator.cpp).
   // Preconditions of push_deferred: kind() == small, b.state == deferred, add_stream done.
-  void push_deferred(block& b) noexcept { bins_of(b.stream)->push_deferred(b); }
+  // False when the bin cannot grow (size_class_bins::push_deferred).
+  bool push_deferred(block& b) noexcept { return bins_of(b.stream)->push_deferred(b); }
   // A deferred block of `stream` of exactly `size` (a rounded small request), or {nullptr, 0}.
-  size_class_bins::deferred_block pop_deferred(stream_t stream, std::size_t size) noexcept {
+  size_class_bins::popped_block pop_deferred(stream_t stream, std::size_t size) noexcept {
     size_class_bins* bins = bins_of(stream);
-    return bins != nullptr ? bins->pop_deferred(size) : size_class_bins::deferred_block{};
+    return bins != nullptr ? bins->pop_deferred(size) : size_class_bins::popped_block{};
   }
   std::size_t deferred_size(stream_t stream) const noexcept {
     const size_class_bins* bins = bins_of(stream);
     return bins != nullptr ? bins->deferred_size() : 0;
   }
-  // Unlinks the deferred blocks of `stream` and calls f(block&) on each.
+  // Takes the deferred blocks of `stream` out and calls f(block&) on each.
   template <typename F>
   void drain_deferred(stream_t stream, F&& f) {
     if (size_class_bins* bins = bins_of(stream)) bins->drain_deferred(f);
@@ -67,6 +68,10 @@ class block_pool {
   template <typename F>
   void drain_all_deferred(F&& f) {
     for (const auto& bins : bins_) bins->drain_deferred(f);
+  }
+  // Gives back the fast bins' memory where they are empty (empty_cache).
+  void shrink_deferred() noexcept {
+    for (const auto& bins : bins_) bins->shrink_deferred();
   }
   bool deferred_links_consistent() const noexcept {
     for (const auto& bins : bins_) {

@@ -221,7 +221,8 @@ class caching_allocator {
   block* new_segment(std::unique_lock<std::mutex>& lock, const request& req);
   block* allocate_slow(std::unique_lock<std::mutex>& lock, const request& req);
   block* take_block_locked(block& b, const request& req, bool in_pool);
-  block* take_deferred_locked(block& b, std::uintptr_t address, const request& req);
+  // A block popped from req's fast bin (exactly req.size bytes).
+  block* take_deferred_locked(const size_class_bins::popped_block& d, const request& req);
   void free_block_locked(block* b) noexcept;
   // Note [Pipelined frees]. The first takes a free out of the allocated index (stage 2), the
   // second applies the oldest (stage 3), the third applies every free in the pipeline; the
@@ -238,8 +239,9 @@ class caching_allocator {
   void merge_and_insert_locked(block* b) noexcept;
   // Note [Deferred coalescing]: merges the fast bins' blocks of one stream, or of all.
   void consolidate_locked(stream_t stream) noexcept;
-  // The books of a block leaving a fast bin (popped or consolidated); the caller sets its state.
-  void left_fast_bin_locked(const block& b) noexcept;
+  // The books of a block of `size` bytes leaving a fast bin (popped or consolidated); the
+  // caller sets its state.
+  void left_fast_bin_locked(std::size_t size) noexcept;
   void consolidate_all_locked() noexcept;
   void start_pending_locked(block* b) noexcept;
   void process_events_locked();

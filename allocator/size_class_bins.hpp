@@ -17,6 +17,7 @@
 #include <boost/intrusive/list.hpp>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "allocator/block.hpp"
 
@@ -79,62 +80,78 @@ class size_class_bins {
   }
 
   // Fast bins (Note [Deferred coalescing], caching_allocator.cpp): one LIFO per exact size of
-  // blocks freed without merging, linked through block::fast_next. No bitmap: they are only
-  // ever asked for an exact size, and drained all at once. Each link carries the address of
-  // the block it points to (Note [Block layout]).
+  // blocks freed without merging. No bitmap: they are only ever asked for an exact size, and
+  // drained all at once. Each LIFO is an array of (block, address) pairs, not a list through
+  // the blocks (Note [Fast bins as arrays]).
   struct deferred_block {
     block* b = nullptr;
     std::uintptr_t address = 0;  // b->address, known without loading b
   };
-  // Preconditions: as insert's, and b in no fast bin.
-  void push_deferred(block& b) noexcept {
-    deferred_block& head = deferred_[class_of(b.size)];
-    b.fast_next = head.b;
-    b.fast_next_address = head.address;
-    head = deferred_block{&b, b.address};
+  // A popped block, and the one the next pop of its size would return (for a prefetch).
+  struct popped_block : deferred_block {
+    deferred_block next;
+  };
+  // Preconditions: as insert's, and b in no fast bin. False, with nothing changed, when the
+  // bin cannot grow (no memory); never after a pop from the same bin with no push since.
+  bool push_deferred(block& b) noexcept {
+    std::vector<deferred_block>& bin = deferred_[class_of(b.size)];
+    try {
+      bin.push_back(deferred_block{&b, b.address});
+    } catch (...) {
+      return false;
+    }
     ++deferred_count_;
+    return true;
   }
   // The most recently pushed deferred block of exactly `size` (a multiple of granularity),
-  // unlinked, or {nullptr, 0}.
-  deferred_block pop_deferred(std::size_t size) noexcept {
+  // taken out, or {nullptr, 0}. Reads nothing of the block itself.
+  popped_block pop_deferred(std::size_t size) noexcept {
     if (size > max_size) return {};
-    deferred_block& head = deferred_[class_of(size)];
-    const deferred_block top = head;
-    if (top.b != nullptr) {
-      head = deferred_block{top.b->fast_next, top.b->fast_next_address};
-      top.b->fast_next = nullptr;
-      --deferred_count_;
-    }
+    std::vector<deferred_block>& bin = deferred_[class_of(size)];
+    if (bin.empty()) return {};
+    popped_block top;
+    static_cast<deferred_block&>(top) = bin.back();
+    bin.pop_back();
+    if (!bin.empty()) top.next = bin.back();
+    --deferred_count_;
     return top;
   }
   std::size_t deferred_size() const noexcept { return deferred_count_; }
-  // Unlinks every deferred block, calling f(block&) on each after it left its bin (so that f
+  // Takes every deferred block out, calling f(block&) on each after it left its bin (so that f
   // may recycle it).
   template <typename F>
   void drain_deferred(F&& f) {
     for (std::size_t c = 0; c < class_count && deferred_count_ != 0; ++c) {
-      while (deferred_[c].b != nullptr) {
-        block* b = pop_deferred((c + 1) * granularity).b;
+      std::vector<deferred_block>& bin = deferred_[c];
+      while (!bin.empty()) {
+        block* b = bin.back().b;
+        bin.pop_back();
+        --deferred_count_;
         f(*b);
       }
     }
   }
-  // Every fast-bin link's carried address is its block's, and every block is in the bin of
-  // its size (for validate: a wrong one would put a block in the index under another address).
+  // Gives back the arrays' memory once they are empty (empty_cache).
+  void shrink_deferred() noexcept {
+    if (deferred_count_ != 0) return;
+    for (std::vector<deferred_block>& bin : deferred_) bin.shrink_to_fit();
+  }
+  // Every entry's carried address is its block's, and every block is in the bin of its size
+  // (for validate: a wrong one would put a block in the index under another address).
   bool deferred_links_consistent() const noexcept {
+    std::size_t n = 0;
     for (std::size_t c = 0; c < class_count; ++c) {
-      deferred_block link = deferred_[c];
-      while (link.b != nullptr) {
-        if (link.address != link.b->address || class_of(link.b->size) != c) return false;
-        link = deferred_block{link.b->fast_next, link.b->fast_next_address};
+      for (const deferred_block& d : deferred_[c]) {
+        if (d.b == nullptr || d.address != d.b->address || class_of(d.b->size) != c) return false;
+        ++n;
       }
     }
-    return true;
+    return n == deferred_count_;
   }
   template <typename F>
   void for_each_deferred(F&& f) const {
-    for (const deferred_block& head : deferred_) {
-      for (const block* b = head.b; b != nullptr; b = b->fast_next) f(*b);
+    for (const std::vector<deferred_block>& bin : deferred_) {
+      for (const deferred_block& d : bin) f(*d.b);
     }
   }
 
@@ -170,7 +187,7 @@ class size_class_bins {
   std::array<std::uint64_t, word_count> words_{};  // bit c % 64 of word c / 64: list c non-empty
   std::array<list, class_count> lists_;
   std::size_t deferred_count_ = 0;
-  std::array<deferred_block, class_count> deferred_{};  // fast-bin heads, by size class
+  std::array<std::vector<deferred_block>, class_count> deferred_;  // fast bins, by size class
 };
 
 }  // namespace gpuswap

@@ -123,7 +123,7 @@ TEST(BlockPool, SmallPoolKeepsStreamsApart) {
   EXPECT_TRUE(pool.empty());
 }
 
-TEST(SizeClassBins, FastBinsAreExactSizeLifosThatCarryTheNextAddress) {
+TEST(SizeClassBins, FastBinsAreExactSizeLifosThatCarryTheAddresses) {
   std::deque<block> storage;
   size_class_bins bins(stream_a);
   block& x = make_block(storage, 4 * KiB, stream_a);
@@ -131,30 +131,55 @@ TEST(SizeClassBins, FastBinsAreExactSizeLifosThatCarryTheNextAddress) {
   block& z = make_block(storage, 8 * KiB, stream_a);
   for (block* b : {&x, &y, &z}) {
     b->state = block_state::deferred;
-    bins.push_deferred(*b);
+    EXPECT_TRUE(bins.push_deferred(*b));
   }
   EXPECT_EQ(bins.deferred_size(), 3u);
   EXPECT_EQ(bins.size(), 0u);  // not in the best-fit lists
+  EXPECT_TRUE(bins.deferred_links_consistent());
   EXPECT_EQ(bins.smallest_at_least(512), nullptr);
   EXPECT_EQ(bins.pop_deferred(2 * KiB).b, nullptr);  // exact sizes only, never a larger one
   EXPECT_EQ(bins.pop_deferred(size_class_bins::max_size + 512).b, nullptr);
+  const std::uintptr_t x_address = x.address;
+  x.address = 0;  // a pop must not read the block: the bin carries its address
   const auto first = bins.pop_deferred(4 * KiB);
   EXPECT_EQ(first.b, &y);  // the last pushed
   EXPECT_EQ(first.address, y.address);
-  EXPECT_EQ(y.fast_next, nullptr);
+  EXPECT_EQ(first.next.b, &x);  // what the next pop of this size returns, for a prefetch
+  EXPECT_EQ(first.next.address, x_address);
   const auto second = bins.pop_deferred(4 * KiB);
   EXPECT_EQ(second.b, &x);
-  EXPECT_EQ(second.address, x.address);  // carried by y's link, not read from x
+  EXPECT_EQ(second.address, x_address);
+  EXPECT_EQ(second.next.b, nullptr);
+  x.address = x_address;
   EXPECT_EQ(bins.pop_deferred(4 * KiB).b, nullptr);
-  bins.push_deferred(x);
+  EXPECT_TRUE(bins.push_deferred(x));
   std::vector<block*> drained;
   bins.drain_deferred([&](block& b) {
-    EXPECT_EQ(b.fast_next, nullptr);
+    EXPECT_EQ(bins.deferred_links_consistent(), true);  // the count already left with b
     drained.push_back(&b);
   });
   EXPECT_EQ(drained, (std::vector<block*>{&x, &z}));  // by size class
   EXPECT_EQ(bins.deferred_size(), 0u);
   EXPECT_EQ(bins.pop_deferred(8 * KiB).b, nullptr);
+  bins.shrink_deferred();
+  EXPECT_TRUE(bins.push_deferred(z));  // usable again after giving its memory back
+  EXPECT_EQ(bins.pop_deferred(8 * KiB).b, &z);
+}
+
+TEST(SizeClassBins, ALinkThatDisagreesWithItsBlockIsCaught) {
+  std::deque<block> storage;
+  size_class_bins bins(stream_a);
+  block& x = make_block(storage, 4 * KiB, stream_a);
+  x.state = block_state::deferred;
+  ASSERT_TRUE(bins.push_deferred(x));
+  EXPECT_TRUE(bins.deferred_links_consistent());
+  x.address += 512;  // the block moved under its bin entry
+  EXPECT_FALSE(bins.deferred_links_consistent());
+  x.address -= 512;
+  x.size = 8 * KiB;  // or changed size: it sits in another size's bin
+  EXPECT_FALSE(bins.deferred_links_consistent());
+  x.size = 4 * KiB;
+  EXPECT_EQ(bins.pop_deferred(4 * KiB).b, &x);
 }
 
 TEST(BlockPool, FastBinsKeepStreamsApart) {
