@@ -82,6 +82,18 @@ static_assert(size_class_bins::granularity == caching_allocator::min_block_size 
 // pools, so a block of stream A is never handed to stream B. The large pool keeps eager
 // merging: its requests are rarer and its blocks are split to varying sizes.
 
+// Note [Bytes in flight]
+// While one thread releases segments or unmaps pages, their bytes are out of reserved_bytes
+// but still counted against the budget (in_flight_bytes_), and its lock is dropped while it
+// waits for the streams that used them. Another thread whose request fits nowhere then finds
+// the budget full and nothing left to release: without a wait it would throw out_of_memory for
+// memory that is a moment from being free. So the last rung of the OOM ladder, when the
+// reclaimers freed nothing and bytes are in flight, waits until none are and climbs again
+// (bounded by max_reclaim_rounds like the reclaimers' rounds). A segment another thread is
+// obtaining counts the same: once it lands, the figures the OOM report gives are settled.
+// caching_allocator_concurrent_release_test holds a release on a gated stream and checks that
+// an allocation beside it waits and succeeds.
+
 // Note [Fast bins as arrays]
 // A fast bin is an array of (block, address) pairs per size class, not a list linked through
 // the blocks. With the links in the blocks, a pop read the next link from the popped block, a
@@ -175,7 +187,9 @@ static_assert(size_class_bins::granularity == caching_allocator::min_block_size 
 // segment): (1) release every cached segment that is wholly free; (2) if blocks are pending,
 // wait for their events (and for a device-wide synchronize if a record failed) and release
 // again; (3) ask the reclaimers, without any lock, to evict at least the rounded request, and
-// if they freed anything start over (at most max_reclaim_rounds times). Then out_of_memory.
+// if they freed anything start over (at most max_reclaim_rounds times); (4) if they freed
+// nothing but another thread has bytes in flight, wait for them to land and start over (Note
+// [Bytes in flight]). Then out_of_memory.
 // A request larger than the whole budget skips the ladder: no release or eviction can serve it,
 // and evicting everything for nothing would be the worst answer.
 
@@ -442,7 +456,10 @@ block* caching_allocator::allocate_slow(std::unique_lock<std::mutex>& lock, cons
       if (block* b = search_or_new_segment(lock, req)) return b;
     }
     if (round == max_reclaim_rounds) break;
-    if (call_reclaimers(lock, req) == 0) break;
+    if (call_reclaimers(lock, req) != 0) continue;
+    // Note [Bytes in flight]
+    if (in_flight_bytes_ == 0) break;
+    in_flight_settled_.wait(lock, [this] { return in_flight_bytes_ == 0; });
   }
   throw_oom(lock, req.bytes, req.size);
 }
@@ -469,12 +486,12 @@ block* caching_allocator::new_segment(std::unique_lock<std::mutex>& lock, const 
       ptr = dev_.allocate_device(seg_size);
     } catch (...) {
       lock.lock();
-      in_flight_bytes_ -= seg_size;
+      settle_in_flight_locked(seg_size);
       throw;
     }
     if (ptr != nullptr && hooks_) nvtx_pool_.register_segment(ptr, seg_size);
     lock.lock();
-    in_flight_bytes_ -= seg_size;
+    settle_in_flight_locked(seg_size);
     if (ptr == nullptr) continue;
     block* b = nullptr;
     segment* seg = nullptr;
@@ -930,7 +947,7 @@ std::size_t caching_allocator::release_whole_segments(std::unique_lock<std::mute
       add(stats_.reserved_bytes, seg->pool, signed_size(seg->size));
       pool_insert_locked(*seg->first);
     }
-    in_flight_bytes_ -= total;
+    settle_in_flight_locked(total);
     std::rethrow_exception(failure);
   }
   // Forgotten before the device has them back: once free_device returns, another thread's
@@ -955,7 +972,7 @@ std::size_t caching_allocator::release_whole_segments(std::unique_lock<std::mute
     }
   }
   lock.lock();
-  in_flight_bytes_ -= total;
+  settle_in_flight_locked(total);
   stats_.num_device_frees += released.size();
   return total;
 }

@@ -377,6 +377,13 @@ class caching_allocator {
   // Bytes counted against the budget that are not in reserved_bytes: segments being obtained
   // from allocate_device, and segments on their way back through free_device.
   std::size_t in_flight_bytes_ = 0;
+  // Notified (all) whenever in_flight_bytes_ goes down; waited on, with mutex_, by the OOM
+  // ladder (Note [Bytes in flight]).
+  std::condition_variable in_flight_settled_;
+  void settle_in_flight_locked(std::size_t bytes) noexcept {
+    in_flight_bytes_ -= bytes;
+    in_flight_settled_.notify_all();
+  }
   allocator_stats stats_;
 
   // reclaim_mutex_ guards reclaimers_, reclaim_calls_in_flight_ and reporter_; it is never

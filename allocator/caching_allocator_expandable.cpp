@@ -409,7 +409,7 @@ std::size_t caching_allocator::unmap_free_pages(std::unique_lock<std::mutex>& lo
       v.b->state = block_state::free;
       merge_and_insert_locked(v.b);
     }
-    in_flight_bytes_ -= total;
+    settle_in_flight_locked(total);
     std::rethrow_exception(failure);
   }
   // An unmapping block is never merged with (merges take free or unmapped neighbours), so
@@ -426,7 +426,7 @@ std::size_t caching_allocator::unmap_free_pages(std::unique_lock<std::mutex>& lo
                     stats_.allocated_bytes.all().current, stats_.reserved_bytes.all().current);
     }
   }
-  in_flight_bytes_ -= total;
+  settle_in_flight_locked(total);
   return total;
 }
 
